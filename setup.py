@@ -1,0 +1,46 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = next(
+    line.split('"')[1]
+    for line in (here / "kappatune" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
+)
+
+extras = {
+    "fast": ["xxhash>=3"],
+    "hf": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.30", "safetensors>=0.4"],
+    "plot": ["matplotlib>=3.7"],
+    "peft": ["peft>=0.13"],
+    "quant": ["bitsandbytes>=0.45"],
+    "cli": ["safetensors>=0.4", "tqdm>=4.60", "pyyaml>=6"],
+}
+extras["dev"] = sorted(
+    {
+        *extras["fast"], *extras["hf"], *extras["plot"], *extras["peft"], *extras["cli"],
+        "pytest>=7", "tqdm>=4.60", "gguf>=0.10", "sentencepiece; python_version<'3.14'",
+    }
+    - {"sentencepiece; python_version<'3.14'"}
+)
+extras["all"] = sorted({d for k, v in extras.items() if k != "dev" for d in v})
+
+setup(
+    name="kappatune",
+    version=version,
+    description="Selective full-weight fine-tuning: train only the lowest condition-number weight tensors",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["kappatune", "kappatune.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy>=1.22"],
+    extras_require=extras,
+    entry_points={"console_scripts": ["kappatune=kappatune.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)
