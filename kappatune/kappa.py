@@ -27,7 +27,9 @@ whose relative error on :math:`\\sigma_{\\min}` is about :math:`\\varepsilon\\,\
 to about ``1e-16 · κ``). The tests check this on matrices built with known singular values.
 
 Rank-deficient matrices (:math:`\\sigma_{\\min} \\le \\sigma_{\\max}\\,\\max(m,n)\\,\\varepsilon`,
-numpy's ``matrix_rank`` tolerance) and all-zero matrices get ``κ = inf``. Weights holding NaN
+numpy's ``matrix_rank`` tolerance in float64) and all-zero matrices get ``κ = inf``. The test is
+on the values as stored: a low-rank product rounded to float32 or bf16 is, as stored, full rank
+with a very large but finite κ. Weights holding NaN
 or Inf raise :class:`ValueError` naming the tensor.
 
 Layouts

@@ -32,3 +32,21 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (real pretrained model; minutes)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the real pretrained model or minutes of CPU; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("KAPPATUNE_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,144 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kappatune
+from kappatune.kappa import kappa_of, resolve_layout
+
+
+def with_singular_values(m, n, s, seed=0):
+    """An m×n float64 matrix whose singular values are exactly ``s`` (up to float64 rounding)."""
+    rng = np.random.default_rng(seed)
+    k = min(m, n)
+    assert len(s) == k
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return torch.from_numpy((u * np.asarray(s, dtype=np.float64)) @ v.T)
+
+
+def reference_kappa(t: torch.Tensor) -> float:
+    s = np.linalg.svd(t.detach().to(torch.float64).reshape(t.shape[0], -1).numpy(), compute_uv=False)
+    return float(s[0] / s[-1])
+
+
+@pytest.mark.parametrize("kappa", [1.0 + 1e-9, 1.0001, 10.0, 1e3, 1e4, 1e5, 1e6])
+@pytest.mark.parametrize("shape", [(96, 96), (40, 120), (150, 50)])
+def test_known_singular_values_match_float64_svd(kappa, shape):
+    m, n = shape
+    k = min(m, n)
+    s = np.geomspace(kappa, 1.0, k) * 0.37  # scale must not matter
+    w = with_singular_values(m, n, s, seed=m + n)
+    got = kappatune.condition_number(w)
+    ref = reference_kappa(w)
+    assert abs(got - ref) / ref < 1e-6, (got, ref)
+    assert abs(got - kappa) / kappa < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_and_spectra(seed):
+    rng = np.random.default_rng(seed)
+    m, n = (int(x) for x in rng.integers(2, 160, size=2))
+    k = min(m, n)
+    log_kappa = rng.uniform(0, 6)
+    s = np.sort(10 ** rng.uniform(0, log_kappa, size=k))[::-1]
+    w = with_singular_values(m, n, s, seed=seed)
+    got = kappatune.condition_number(w)
+    ref = reference_kappa(w)
+    assert abs(got - ref) / ref < 1e-6, (m, n, got, ref)
+
+
+def test_beyond_1e6_stays_accurate():
+    w = with_singular_values(64, 64, np.geomspace(1e9, 1.0, 64))
+    assert abs(kappatune.condition_number(w) - 1e9) / 1e9 < 1e-6
+
+
+def test_gaussian_float32_matrix():
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
+    assert abs(kappatune.condition_number(w) - reference_kappa(w)) / reference_kappa(w) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_storage_dtype(dtype):
+    w = with_singular_values(48, 64, np.geomspace(50.0, 1.0, 48)).to(dtype)
+    got = kappatune.condition_number(w)
+    ref = reference_kappa(w)  # of the matrix as stored (rounded to dtype)
+    assert abs(got - ref) / ref < 1e-6
+
+
+def test_diagonal_is_exact():
+    assert kappatune.condition_number(torch.diag(torch.tensor([4.0, 2.0, 1.0]))) == 4.0
+
+
+@pytest.mark.parametrize("w", [
+    torch.zeros(8, 8),
+    torch.ones(8, 5),                                          # rank 1
+    torch.randn(6, 3, dtype=torch.float64) @ torch.randn(3, 7, dtype=torch.float64),  # rank 3 of 6x7
+    torch.randn(4, 9, 3, dtype=torch.float64) @ torch.randn(4, 3, 9, dtype=torch.float64),  # stack, rank 3
+])
+def test_rank_deficient_is_inf(w):
+    assert kappatune.condition_number(w) == math.inf
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_raises_with_name(bad):
+    w = torch.randn(5, 5)
+    w[2, 3] = bad
+    with pytest.raises(ValueError, match=r"layers\.0\.q_proj\.weight.*NaN/Inf"):
+        kappatune.condition_number(w, name="layers.0.q_proj.weight")
+
+
+def test_conv_weight_is_flattened_to_out_channels():
+    w = torch.randn(16, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    res = kappa_of(w)
+    assert res.layout == "flatten"
+    assert abs(res.kappa - reference_kappa(w)) / res.kappa < 1e-6
+    # a 3-D conv1d kernel, flattened on request
+    w1 = torch.randn(8, 4, 5)
+    assert abs(kappatune.condition_number(w1, layout="flatten") - reference_kappa(w1)) / reference_kappa(w1) < 1e-6
+
+
+def test_stack_of_matrices_keeps_per_matrix_values():
+    mats = [with_singular_values(24, 40, np.geomspace(k, 1, 24), seed=i) for i, k in enumerate([2.0, 30.0, 400.0])]
+    stack = torch.stack(mats).float()
+    res = kappa_of(stack)
+    assert res.layout == "stack"
+    expected = [reference_kappa(m.float()) for m in mats]
+    np.testing.assert_allclose(res.per_matrix, expected, rtol=1e-6)
+    assert res.kappa == pytest.approx(np.mean(expected), rel=1e-6)
+    assert kappatune.condition_number(stack, aggregate="max") == pytest.approx(max(expected), rel=1e-6)
+    np.testing.assert_allclose(kappatune.condition_numbers(stack).numpy(), expected, rtol=1e-6)
+
+
+def test_stack_chunking_gives_same_values(monkeypatch):
+    import kappatune.kappa as km
+
+    stack = torch.randn(7, 30, 20, generator=torch.Generator().manual_seed(3))
+    whole = kappatune.condition_numbers(stack)
+    monkeypatch.setattr(km, "_CHUNK_BYTES", 1)  # one matrix per chunk
+    np.testing.assert_allclose(kappatune.condition_numbers(stack).numpy(), whole.numpy(), rtol=1e-12)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        kappatune.condition_number(torch.randn(5), name="norm.weight")
+    with pytest.raises(ValueError, match="layout='matrix' needs a 2-D"):
+        resolve_layout((2, 3, 4), "matrix")
+    with pytest.raises(ValueError, match="layout must be"):
+        resolve_layout((2, 3), "diagonal")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="aggregate must be"):
+        kappatune.condition_number(torch.randn(2, 3, 4), aggregate="median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="floating-point"):
+        kappatune.condition_number(torch.ones(3, 3, dtype=torch.int64))
+
+
+def test_gradients_are_not_tracked():
+    w = torch.randn(10, 10, requires_grad=True)
+    assert isinstance(kappatune.condition_number(w), float)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    w = with_singular_values(64, 96, np.geomspace(1e5, 1, 64)).float()
+    assert kappatune.condition_number(w.cuda()) == pytest.approx(kappatune.condition_number(w), rel=1e-9)
