@@ -16,15 +16,11 @@ extras = {
     "peft": ["peft>=0.13"],
     "quant": ["bitsandbytes>=0.45"],
     "cli": ["safetensors>=0.4", "tqdm>=4.60", "pyyaml>=6"],
+    # the real pretrained model of the examples ships as GGUF: transformers needs gguf to read it
+    "examples": ["gguf>=0.10", "tqdm>=4.60"],
 }
-extras["dev"] = sorted(
-    {
-        *extras["fast"], *extras["hf"], *extras["plot"], *extras["peft"], *extras["cli"],
-        "pytest>=7", "tqdm>=4.60", "gguf>=0.10", "sentencepiece; python_version<'3.14'",
-    }
-    - {"sentencepiece; python_version<'3.14'"}
-)
-extras["all"] = sorted({d for k, v in extras.items() if k != "dev" for d in v})
+extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
+extras["dev"] = sorted({*extras["all"], "pytest>=7"})
 
 setup(
     name="kappatune",
