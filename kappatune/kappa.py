@@ -94,13 +94,12 @@ def _compute_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        n_bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(
-            f"{name}: weight holds {n_bad} NaN/Inf value(s); κ is undefined. "
-            "Fix or exclude this tensor (e.g. exclude=[...]) before scanning."
-        )
+def _raise_non_finite(t: torch.Tensor, name: str) -> None:
+    n_bad = int((~torch.isfinite(t.float())).sum())
+    raise ValueError(
+        f"{name}: weight holds {n_bad} NaN/Inf value(s); κ is undefined. "
+        "Fix or exclude this tensor (e.g. exclude=[...]) before scanning."
+    )
 
 
 def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +157,6 @@ def _stack_extremes(stack: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch
         raise ValueError(f"{name}: κ needs a floating-point tensor, got dtype {stack.dtype}")
     if stack.is_complex():
         raise ValueError(f"{name}: complex weights are not supported")
-    _check_finite(stack, name)
     b, m, n = stack.shape
     if b == 0 or m == 0 or n == 0:
         raise ValueError(f"{name}: cannot compute κ of an empty tensor of shape {tuple(stack.shape)}")
@@ -170,6 +168,8 @@ def _stack_extremes(stack: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch
     with torch.no_grad():
         for start in range(0, b, chunk):
             a = stack[start : start + chunk].detach().to(device=dev, dtype=torch.float64)
+            if not bool(torch.isfinite(a).all()):  # on the float64 copy: works for every dtype (float8 too)
+                _raise_non_finite(stack, name)
             outs.append([x.cpu() for x in _matrices_kappa(a)])
             del a
     return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]

@@ -142,3 +142,8 @@ def test_gradients_are_not_tracked():
 def test_cuda_matches_cpu():
     w = with_singular_values(64, 96, np.geomspace(1e5, 1, 64)).float()
     assert kappatune.condition_number(w.cuda()) == pytest.approx(kappatune.condition_number(w), rel=1e-9)
+
+
+def test_float8_weights_are_upcast_too():
+    w = with_singular_values(16, 24, np.geomspace(8.0, 1.0, 16)).to(torch.float8_e4m3fn)
+    assert kappatune.condition_number(w) == pytest.approx(reference_kappa(w.float()), rel=1e-6)
