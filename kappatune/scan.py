@@ -219,6 +219,9 @@ def scan(
         progress: show a ``tqdm`` progress bar (if ``tqdm`` is installed).
     """
     if isinstance(model, nn.Module):
+        from .distributed import check_wrapped_model
+
+        check_wrapped_model(model, scanning=True)  # an FSDP-sharded model holds no whole matrices
         refs = model_refs(model)
     elif isinstance(model, Mapping):
         refs = [TensorRef(name=k, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
