@@ -12,7 +12,9 @@ Example::
 """
 
 from .cache import KappaCache, default_cache_dir, tensor_digest
+from .checkpoint import scan_checkpoint
 from .kappa import KappaResult, condition_number, condition_numbers, kappa_of
+from .optimizer import KappaTuneOptimizer, SelectiveFineTuningOptimizer
 from .scan import TensorRef, scan
 from .selection import FreezeHandle, KappaEntry, KappaTable, freeze_all_but
 
@@ -23,6 +25,7 @@ __all__ = [
     "KappaEntry",
     "KappaResult",
     "KappaTable",
+    "KappaTuneOptimizer",
     "FreezeHandle",
     "TensorRef",
     "condition_number",
@@ -31,6 +34,8 @@ __all__ = [
     "freeze_all_but",
     "kappa_of",
     "scan",
+    "scan_checkpoint",
+    "SelectiveFineTuningOptimizer",
     "tensor_digest",
     "__version__",
 ]
