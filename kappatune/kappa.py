@@ -11,7 +11,8 @@ Method
 Only the two extreme singular values are needed, so kappatune never computes singular
 vectors. For every matrix it forms the Gram matrix of the short side in float64,
 :math:`G = W W^\\top` (or :math:`W^\\top W`), whose eigenvalues are :math:`\\sigma_i^2`, and
-takes the extremes of ``torch.linalg.eigvalsh(G)``:
+takes the extremes of its eigenvalues (LAPACK ``dsyevd``; on the CPU through numpy, whose
+``W @ W.T`` is a symmetric rank-k update at half the flops of a general product):
 :math:`\\kappa = \\sqrt{\\lambda_{\\max}(G) / \\lambda_{\\min}(G)}`.
 
 Forming :math:`G` squares the condition number, so rounding perturbs
@@ -19,7 +20,8 @@ Forming :math:`G` squares the condition number, so rounding perturbs
 error of :math:`\\kappa` is about :math:`\\tfrac12 c\\,\\varepsilon\\,\\kappa^2`
 (:math:`\\varepsilon = 2.2\\cdot10^{-16}`, :math:`c = \\sqrt{\\max(m,n)}` for the accumulated
 rounding of the Gram product). Whenever that estimate exceeds ``1e-7``, or the Gram matrix is
-numerically singular, the matrix is recomputed with ``torch.linalg.svdvals`` in float64,
+numerically singular, the matrix is recomputed with a values-only float64 SVD (LAPACK
+``dgesdd`` through numpy on the CPU, ``torch.linalg.svdvals`` elsewhere),
 whose relative error on :math:`\\sigma_{\\min}` is about :math:`\\varepsilon\\,\\kappa`.
 
 **Guarantee**: the returned κ agrees with a float64 SVD (``numpy.linalg.svd``) to better than
@@ -48,6 +50,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "resolve_layout"]
@@ -103,8 +106,28 @@ def _raise_non_finite(t: torch.Tensor, name: str) -> None:
 
 
 def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    s = torch.linalg.svdvals(a)
+    if a.device.type == "cpu":
+        # LAPACK's dgesdd through numpy, values only: it reduces a wide/tall matrix by QR first,
+        # about 2x faster than torch.linalg.svdvals for 576x1536 (same float64 accuracy).
+        s = torch.from_numpy(np.linalg.svd(a.numpy(), compute_uv=False))
+    else:
+        s = torch.linalg.svdvals(a)
     return s[..., 0], s[..., -1]
+
+
+def _gram_eigvalsh(a: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending) of the short-side Gram matrix of every matrix in ``a`` (B, m, n)."""
+    m, n = a.shape[-2], a.shape[-1]
+    if a.device.type != "cpu":
+        return torch.linalg.eigvalsh(a @ a.mT if m <= n else a.mT @ a)
+    # On the CPU numpy's ``x @ x.T`` is a symmetric rank-k update (BLAS dsyrk: half the flops of
+    # the general product torch runs) and its eigvalsh is faster too; same float64 arithmetic.
+    an = a.numpy()
+    short = min(m, n)
+    ev = np.empty((an.shape[0], short), dtype=np.float64)
+    for i, x in enumerate(an):
+        ev[i] = np.linalg.eigvalsh(x @ x.T if m <= n else x.T @ x)
+    return torch.from_numpy(ev)
 
 
 def _kappa_from_extremes(smax: torch.Tensor, smin: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -117,9 +140,7 @@ def _kappa_from_extremes(smax: torch.Tensor, smin: torch.Tensor, m: int, n: int)
 def _matrices_kappa(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """κ, σ_max, σ_min of a float64 batch ``(B, m, n)``; returns float64 tensors of shape ``(B,)``."""
     m, n = a.shape[-2], a.shape[-1]
-    gram = a @ a.mT if m <= n else a.mT @ a
-    ev = torch.linalg.eigvalsh(gram)
-    del gram
+    ev = _gram_eigvalsh(a)
     lmin, lmax = ev[..., 0], ev[..., -1]
     smax = lmax.clamp_min(0).sqrt()
     smin = lmin.clamp_min(0).sqrt()
