@@ -100,7 +100,18 @@ def _worker(rank: int, world: int, threads: int, layers: int, repeats: int, init
 def run_mode(world: int, threads: int, layers: int, repeats: int, tmp: Path, tag: str) -> Dict:
     out = tmp / f"{tag}.json"
     init = tmp / f"{tag}.init"
-    tmp_mp.spawn(_worker, args=(world, threads, layers, repeats, str(init), str(out)), nprocs=world, join=True)
+    # kappatune's CPU κ path runs numpy's OpenBLAS, whose thread count is read from the environment
+    # when a process starts (torch.set_num_threads does not reach it): the spawned workers inherit it.
+    saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    os.environ.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    try:
+        tmp_mp.spawn(_worker, args=(world, threads, layers, repeats, str(init), str(out)), nprocs=world, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return json.loads(out.read_text())
 
 

@@ -27,6 +27,9 @@ Last, on SmolLM2 and when ``peft`` is installed (``--no-peft`` skips it), PEFT's
 ``peft.helpers.find_kappa_target_modules`` against kappatune's, cold and warm cache
 (``benchmarks/peft_compare.py``'s :func:`compare`).
 
+Then the 2-process row: ``benchmarks/scan_distributed.py --rounds 2 --repeats 3`` (the scan sharded
+over 2 gloo ranks against 1 process with 1 and 2 threads; ``--no-distributed`` skips it).
+
 Models: (a) a Llama-style model built from a config at TinyLlama-1.1B layer shapes (hidden 2048,
 intermediate 5632, 32 heads, 4 kv heads, vocab 32000; ``--layers`` layers, random init, seed 0);
 (b) the real pretrained SmolLM2-135M (``examples/offline.py: load_smollm2()``, dequantized Q4_1
@@ -366,6 +369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(default: os.cpu_count())")
     ap.add_argument("--no-peft", action="store_true",
                     help="skip the comparison with PEFT's find_kappa_target_modules (run when peft is installed)")
+    ap.add_argument("--no-distributed", action="store_true",
+                    help="skip the 2-process row (benchmarks/scan_distributed.py, about a minute)")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
@@ -414,6 +419,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print("### SmolLM2-135M: PEFT's `find_kappa_target_modules` vs kappatune's\n\n" + report + "\n",
                       flush=True)
         del model
+    if not args.no_distributed:
+        # The 2-process row: the same scan sharded over 2 gloo ranks against 1 process (fresh
+        # processes, so it runs as its own script; see benchmarks/scan_distributed.py).
+        import subprocess
+
+        log("2 ranks vs 1: benchmarks/scan_distributed.py --rounds 2 --repeats 3")
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "scan_distributed.py"),
+                               "--rounds", "2", "--repeats", "3"], capture_output=True, text=True)
+        table = proc.stdout[proc.stdout.find("\nκ scan of"):].strip() if proc.returncode == 0 else ""
+        if not table:
+            log(f"scan_distributed.py failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        else:
+            print("### The scan sharded over 2 processes (gloo) vs 1\n\n" + table + "\n", flush=True)
+            results.append({"model": "2 ranks vs 1 (scan_distributed.py)", "report": table})
     if args.json:
         args.json.write_text(json.dumps(dict(env=env, argv=sys.argv[1:], results=results), indent=1))
         log(f"wrote {args.json}")
