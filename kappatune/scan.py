@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torch import nn
 
 from .cache import KappaCache, tensor_digest
 from .kappa import KappaResult, kappa_of
-from .selection import KappaEntry, KappaTable
+from .selection import KappaEntry, KappaTable, compile_patterns
 
 __all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "resolve_cache"]
 
@@ -107,17 +106,6 @@ def model_refs(model: nn.Module) -> List[TensorRef]:
             floating=p.is_floating_point(),
         ))
     return refs
-
-
-def _compile(patterns: Patterns, arg: str) -> List["re.Pattern[str]"]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as e:
-        raise ValueError(f"{arg}: invalid regular expression: {e}") from None
 
 
 def _matrix_dims(shape: Tuple[int, ...], layout: str) -> Tuple[int, int]:
@@ -252,7 +240,7 @@ def scan_refs(
         raise ValueError(f"max_dim must be None or an int >= 1, got {max_dim!r}")
     if aggregate not in ("mean", "max"):
         raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     store = resolve_cache(cache)
     distributed, rank, world = _dist_info()
     t0 = time.perf_counter()

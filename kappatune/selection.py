@@ -28,10 +28,9 @@ import logging
 import math
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
 
 __all__ = ["KappaEntry", "KappaTable", "FreezeHandle", "freeze_all_but", "module_kind", "layer_index"]
@@ -221,7 +220,7 @@ class KappaTable(Sequence[KappaEntry]):
             )
         policy, value = next(iter(given.items()))
         _validate_policy(policy, value)
-        inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+        inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
         cands = [e for e in self._entries
                  if (not inc or any(r.search(e.name) for r in inc)) and not any(r.search(e.name) for r in exc)]
         if not cands:
@@ -272,7 +271,8 @@ def _validate_policy(policy: str, value: Any) -> None:
             raise ValueError(f"max_kappa must be a number > 0, got {value!r}")
 
 
-def _compile(patterns: Union[None, str, Sequence[str]], arg: str) -> List["re.Pattern[str]"]:
+def compile_patterns(patterns: Union[None, str, Sequence[str]], arg: str) -> List["re.Pattern[str]"]:
+    """``include=``/``exclude=`` regexes (one string or a sequence), compiled; ``arg`` names them in errors."""
     if patterns is None:
         return []
     if isinstance(patterns, str):

@@ -2,7 +2,6 @@ import logging
 import math
 
 import pytest
-import torch
 from torch import nn
 
 import kappatune

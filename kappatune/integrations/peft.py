@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..scan import CacheArg, Patterns, model_refs, scan_refs
-from ..selection import KappaEntry, KappaTable
+from ..selection import KappaEntry, KappaTable, compile_patterns
 
 __all__ = [
     "LoraTarget",
@@ -159,7 +159,7 @@ def kappa_lora_targets(
     ):
         raise ValueError(f"max_dim_size_to_analyze must be None or an int >= 1, got {max_dim_size_to_analyze!r}")
     suffixes = _check_suffixes(moe_param_suffixes)
-    inc, exc = _regexes(include, "include"), _regexes(exclude, "exclude")
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
     modules, params = _candidates(model, suffixes)
 
     def wanted(target: str) -> bool:
@@ -202,17 +202,6 @@ def kappa_lora_targets(
             out.append(LoraTarget(pname, "parameter", pname, e.kappa, e.numel, tuple(e.shape)))
     out.sort(key=lambda t: (t.kappa if not math.isnan(t.kappa) else math.inf, t.name))
     return out
-
-
-def _regexes(patterns: Patterns, arg: str) -> List["re.Pattern[str]"]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as e:
-        raise ValueError(f"{arg}: invalid regular expression: {e}") from None
 
 
 # -- PEFT-compatible selection --------------------------------------------------------------
