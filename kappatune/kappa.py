@@ -105,8 +105,13 @@ def _raise_non_finite(t: torch.Tensor, name: str) -> None:
     )
 
 
+def _numpy_linalg(a: torch.Tensor) -> bool:
+    """Whether the float64 linear algebra of ``a`` runs through numpy's LAPACK (CPU tensors) or torch."""
+    return a.device.type == "cpu"
+
+
 def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if a.device.type == "cpu":
+    if _numpy_linalg(a):
         # LAPACK's dgesdd through numpy, values only: it reduces a wide/tall matrix by QR first,
         # about 2x faster than torch.linalg.svdvals for 576x1536 (same float64 accuracy).
         s = torch.from_numpy(np.linalg.svd(a.numpy(), compute_uv=False))
@@ -118,7 +123,7 @@ def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
 def _gram_eigvalsh(a: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending) of the short-side Gram matrix of every matrix in ``a`` (B, m, n)."""
     m, n = a.shape[-2], a.shape[-1]
-    if a.device.type != "cpu":
+    if not _numpy_linalg(a):
         return torch.linalg.eigvalsh(a @ a.mT if m <= n else a.mT @ a)
     # On the CPU numpy's ``x @ x.T`` is a symmetric rank-k update (BLAS dsyrk: half the flops of
     # the general product torch runs) and its eigvalsh is faster too; same float64 arithmetic.

@@ -49,6 +49,21 @@ def test_random_shapes_and_spectra(seed):
     assert abs(got - ref) / ref < 1e-6, (m, n, got, ref)
 
 
+@pytest.mark.parametrize("kappa", [1.0001, 1e3, 1e6, 1e9])
+@pytest.mark.parametrize("shape", [(3, 40, 120), (2, 150, 50)])
+def test_torch_linalg_path_used_off_cpu_is_as_exact(monkeypatch, kappa, shape):
+    # CUDA tensors take torch.linalg (eigvalsh of the Gram matrix, svdvals fallback) instead of
+    # numpy's LAPACK: run that code path here on the CPU and hold it to the same guarantee.
+    b, m, n = shape
+    stack = torch.stack([with_singular_values(m, n, np.geomspace(kappa, 1.0, min(m, n)), seed=i) for i in range(b)])
+    calls = []
+    monkeypatch.setattr(kappatune.kappa, "_numpy_linalg", lambda a: calls.append(a.device.type) or False)
+    got = kappatune.condition_numbers(stack)
+    assert calls, "the torch.linalg path was not taken"
+    for k in got.tolist():
+        assert abs(k - kappa) / kappa < 1e-6, (k, kappa)
+
+
 def test_beyond_1e6_stays_accurate():
     w = with_singular_values(64, 64, np.geomspace(1e9, 1.0, 64))
     assert abs(kappatune.condition_number(w) - 1e9) / 1e9 < 1e-6
