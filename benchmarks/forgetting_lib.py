@@ -960,7 +960,7 @@ def write_probe_report(cfg: BenchConfig, out: Path, specs: Sequence[RunSpec], co
     base = json.loads(base_p.read_text(encoding="utf-8")) if base_p.exists() else None
     lines = ["# Forgetting benchmark: LR probe", ""]
     if command:
-        lines += [f"Command: `{command}`", ""]
+        lines += [f"Latest command: `{command}` (the table holds every probe run in `{PROBE_DIR}/runs`)", ""]
     lines += [f"Same model, data, settings (config {cfg.fingerprint()}), training and evaluation code as the main "
               f"runs in `{out.name}/runs`; only the learning rate differs. Target held-out task loss "
               f"{target:.4f} (PPL {_ppl(target):.2f}, curve set), from the main full-FT runs; cap {cfg.cap_steps} "
@@ -968,17 +968,14 @@ def write_probe_report(cfg: BenchConfig, out: Path, specs: Sequence[RunSpec], co
               + ("" if base is None else f" ({_ppl(base['control_final']):.2f})") + ".", "",
               "| method | budget | LR | source | reached target (step) | task PPL | control PPL | forgetting |",
               "|---|---|---|---|---|---|---|---|"]
-    missing = []
-    keys = list(dict.fromkeys((s.method, s.budget, s.seed) for s in specs))
+    missing = [s.run_id for s in specs if s.run_id not in probe]
+    # Every probe run finished so far (this command's and earlier ones'), grouped by method, budget, seed.
+    group = lambda r: (r["method"], r["budget"], r["seed"])  # noqa: E731
+    keys = sorted(dict.fromkeys([(s.method, s.budget, s.seed) for s in specs] + [group(r) for r in probe.values()]),
+                  key=lambda k: (k[1], METHODS.index(k[0]), k[2]))
     for m, b, seed in keys:
-        rows = [("main", r) for r in main.values()
-                if (r["method"], r["budget"], r["seed"]) == (m, b, seed)]
-        for s in specs:
-            if (s.method, s.budget, s.seed) == (m, b, seed):
-                if s.run_id in probe:
-                    rows.append(("probe", probe[s.run_id]))
-                else:
-                    missing.append(s.run_id)
+        rows = [("main", r) for r in main.values() if group(r) == (m, b, seed)]
+        rows += [("probe", r) for r in probe.values() if group(r) == (m, b, seed)]
         for src, r in sorted(rows, key=lambda x: (x[1]["lr"], x[0])):
             name = LABELS[m] + (f" (seed {seed})" if m == "random" else "")
             reached = (f"diverged at {r['steps']}" if r.get("diverged") else
@@ -989,7 +986,7 @@ def write_probe_report(cfg: BenchConfig, out: Path, specs: Sequence[RunSpec], co
         lines += ["", f"NOT FINISHED: {len(missing)} probe run(s) missing: {', '.join(missing)}. "
                   "Resume with the same command (finished runs are kept, not redone)."]
     else:
-        lines += ["", f"All {len(specs)} probe run(s) finished."]
+        lines += ["", f"All {len(specs)} probe run(s) of the latest command finished; {len(probe)} probe run(s) in all."]
     text = "\n".join(lines) + "\n"
     (out / PROBE_DIR).mkdir(parents=True, exist_ok=True)
     (out / PROBE_DIR / "results.md").write_text(text, encoding="utf-8")

@@ -199,10 +199,17 @@ def test_lr_probe_uses_main_target_and_code_and_leaves_main_runs_alone(tmp_path,
 
     md = (out / "lr_probe" / "results.md").read_text()
     assert "| κ-low | 0.3 | 0.003 | main |" in md and "| κ-low | 0.3 | 0.003 | probe |" in md
-    assert "| random (seed 0) | 0.3 | 0.01 | probe |" in md and "All 4 probe run(s) finished." in md
+    assert "| random (seed 0) | 0.3 | 0.01 | probe |" in md
+    assert "All 4 probe run(s) of the latest command finished; 4 probe run(s) in all." in md
     # resumable: nothing is redone; --report only rewrites the probe table
     probe_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "lr_probe" / "runs").glob("*.json")}
     capsys.readouterr()
     assert forgetting.main(probe) == 0 and forgetting.main(probe + ["--report"]) == 0
     assert "[probe " not in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "lr_probe" / "runs").glob("*.json")} == probe_mtimes
+    # a later probe (another random seed) adds its run; the report keeps every earlier probe run
+    assert forgetting.main(_args(out) + ["--lr-probe", "0.01", "--probe-methods", "random", "--probe-seed", "1",
+                                         "--probe-budget", "0.3"]) == 0
+    md = (out / "lr_probe" / "results.md").read_text()
+    assert "| random (seed 1) | 0.3 | 0.01 | probe |" in md and "| κ-low | 0.3 | 0.01 | probe |" in md
+    assert "| random (seed 0) | 0.3 | 0.01 | probe |" in md and "5 probe run(s) in all." in md
