@@ -762,12 +762,17 @@ def headline(cfg: BenchConfig, rows: List[Dict[str, Any]]) -> List[str]:
     return out
 
 
+def _read_base(out: Path) -> Optional[Dict[str, Any]]:
+    """The untrained model's losses saved by :func:`compute_base` in ``out/base.json``, if any."""
+    p = Path(out) / "base.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+
+
 def write_report(cfg: BenchConfig, out: Path, command: str = "", only_finished_note: bool = True) -> str:
     """``out/results.md`` from the run files in ``out/runs`` (no model needed)."""
     out = Path(out)
     runs = load_runs(out, cfg)
-    base_p = out / "base.json"
-    base = json.loads(base_p.read_text(encoding="utf-8")) if base_p.exists() else None
+    base = _read_base(out)
     rows = best_runs(cfg, runs)
     ready, blocked = plan(cfg, runs)
     lines = ["# Forgetting benchmark: κ-selection vs random, κ-high, LoRA and full FT", ""]
@@ -956,8 +961,7 @@ def write_probe_report(cfg: BenchConfig, out: Path, specs: Sequence[RunSpec], co
     out = Path(out)
     target, main = probe_target(cfg, out)
     probe = load_runs(out / PROBE_DIR, cfg)
-    base_p = out / "base.json"
-    base = json.loads(base_p.read_text(encoding="utf-8")) if base_p.exists() else None
+    base = _read_base(out)
     lines = ["# Forgetting benchmark: LR probe", ""]
     if command:
         lines += [f"Latest command: `{command}` (the table holds every probe run in `{PROBE_DIR}/runs`)", ""]
