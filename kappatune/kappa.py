@@ -155,7 +155,8 @@ def _matrices_kappa(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
     redo = ~(est_err <= _GRAM_REL_ERR_BUDGET)  # also catches NaN/inf from λ_min <= 0
     if bool(redo.any()):
         idx = redo.nonzero().squeeze(1)
-        smax_e, smin_e = _extremes_from_svdvals(a[idx])
+        # a[idx] would copy the float64 matrices: only when some of the stack took the Gram path.
+        smax_e, smin_e = _extremes_from_svdvals(a if len(idx) == a.shape[0] else a[idx])
         smax = smax.index_copy(0, idx, smax_e)
         smin = smin.index_copy(0, idx, smin_e)
     return _kappa_from_extremes(smax, smin, m, n), smax, smin

@@ -64,6 +64,17 @@ def test_torch_linalg_path_used_off_cpu_is_as_exact(monkeypatch, kappa, shape):
         assert abs(k - kappa) / kappa < 1e-6, (k, kappa)
 
 
+def test_fallback_svd_reads_the_matrix_in_place(monkeypatch):
+    # Memory: one upcast copy at most. A float64 weight needs none, and the exact fallback of an
+    # ill-conditioned matrix must not copy it again.
+    w = with_singular_values(80, 120, np.geomspace(1e6, 1.0, 80))
+    seen = []
+    real = kappatune.kappa._extremes_from_svdvals
+    monkeypatch.setattr(kappatune.kappa, "_extremes_from_svdvals", lambda a: seen.append(a.data_ptr()) or real(a))
+    assert abs(kappatune.condition_number(w) - 1e6) / 1e6 < 1e-6
+    assert seen == [w.data_ptr()]
+
+
 def test_beyond_1e6_stays_accurate():
     w = with_singular_values(64, 64, np.geomspace(1e9, 1.0, 64))
     assert abs(kappatune.condition_number(w) - 1e9) / 1e9 < 1e-6
