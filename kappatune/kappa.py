@@ -120,19 +120,35 @@ def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
     return s[..., 0], s[..., -1]
 
 
-def _gram_eigvalsh(a: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (ascending) of the short-side Gram matrix of every matrix in ``a`` (B, m, n)."""
+def _gram_eigvalsh(a: torch.Tensor) -> Optional[torch.Tensor]:
+    """Eigenvalues (ascending) of the short-side Gram matrix of every matrix in ``a`` (B, m, n).
+
+    ``None`` when a Gram diagonal is not finite. Every weight enters one diagonal entry
+    (:math:`G_{ii} = \\sum_j W_{ij}^2`), so this is how a NaN/Inf weight shows up, at no cost: the
+    caller then tells a non-finite weight from a square that overflowed float64 (|w| > 1e154).
+    """
     m, n = a.shape[-2], a.shape[-1]
     if not _numpy_linalg(a):
-        return torch.linalg.eigvalsh(a @ a.mT if m <= n else a.mT @ a)
+        gram = a @ a.mT if m <= n else a.mT @ a
+        if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
+            return None
+        return torch.linalg.eigvalsh(gram)
     # On the CPU numpy's ``x @ x.T`` is a symmetric rank-k update (BLAS dsyrk: half the flops of
     # the general product torch runs) and its eigvalsh is faster too; same float64 arithmetic.
     an = a.numpy()
     short = min(m, n)
     ev = np.empty((an.shape[0], short), dtype=np.float64)
-    for i, x in enumerate(an):
-        ev[i] = np.linalg.eigvalsh(x @ x.T if m <= n else x.T @ x)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite Grams are handled by the caller
+        for i, x in enumerate(an):
+            gram = x @ x.T if m <= n else x.T @ x
+            if not np.isfinite(gram.diagonal()).all():
+                return None
+            ev[i] = np.linalg.eigvalsh(gram)
     return torch.from_numpy(ev)
+
+
+class _NonFiniteWeights(ValueError):
+    pass
 
 
 def _kappa_from_extremes(smax: torch.Tensor, smin: torch.Tensor, m: int, n: int) -> torch.Tensor:
@@ -146,6 +162,11 @@ def _matrices_kappa(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
     """κ, σ_max, σ_min of a float64 batch ``(B, m, n)``; returns float64 tensors of shape ``(B,)``."""
     m, n = a.shape[-2], a.shape[-1]
     ev = _gram_eigvalsh(a)
+    if ev is None:
+        if not bool(torch.isfinite(a).all()):  # on the float64 copy: works for every dtype (float8 too)
+            raise _NonFiniteWeights
+        smax, smin = _extremes_from_svdvals(a)  # finite, but squares overflow: LAPACK's SVD rescales
+        return _kappa_from_extremes(smax, smin, m, n), smax, smin
     lmin, lmax = ev[..., 0], ev[..., -1]
     smax = lmax.clamp_min(0).sqrt()
     smin = lmin.clamp_min(0).sqrt()
@@ -195,9 +216,10 @@ def _stack_extremes(stack: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch
     with torch.no_grad():
         for start in range(0, b, chunk):
             a = stack[start : start + chunk].detach().to(device=dev, dtype=torch.float64)
-            if not bool(torch.isfinite(a).all()):  # on the float64 copy: works for every dtype (float8 too)
+            try:
+                outs.append([x.cpu() for x in _matrices_kappa(a)])
+            except _NonFiniteWeights:
                 _raise_non_finite(stack, name)
-            outs.append([x.cpu() for x in _matrices_kappa(a)])
             del a
     return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]
 

@@ -115,6 +115,27 @@ def test_non_finite_raises_with_name(bad):
         kappatune.condition_number(w, name="layers.0.q_proj.weight")
 
 
+@pytest.mark.parametrize("path", ["numpy", "torch"])
+@pytest.mark.parametrize("shape", [(3, 6, 20), (3, 20, 6)])      # wide and tall: every weight is checked
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_non_finite_position_is_caught(monkeypatch, path, shape, bad):
+    if path == "torch":
+        monkeypatch.setattr(kappatune.kappa, "_numpy_linalg", lambda a: False)
+    b, m, n = shape
+    for i, j, k in [(0, 0, 0), (1, m - 1, n - 1), (2, m // 2, n - 1), (2, m - 1, 0)]:
+        w = torch.randn(shape, dtype=torch.bfloat16)
+        w[i, j, k] = bad
+        with pytest.raises(ValueError, match=r"experts\.w1.*NaN/Inf"):
+            kappatune.condition_numbers(w, name="experts.w1")
+
+
+def test_huge_finite_float64_weights_are_not_mistaken_for_inf():
+    # Squares of |w| > 1e154 overflow float64 in the Gram matrix; such a weight is finite, and
+    # its κ comes from the (rescaling) SVD instead.
+    w = with_singular_values(30, 50, np.geomspace(40.0, 1.0, 30)) * 1e200
+    assert abs(kappatune.condition_number(w) - 40.0) / 40.0 < 1e-6
+
+
 def test_conv_weight_is_flattened_to_out_channels():
     w = torch.randn(16, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     res = kappa_of(w)
