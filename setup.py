@@ -20,7 +20,9 @@ extras = {
     "examples": ["gguf>=0.10", "tqdm>=4.60"],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
-extras["dev"] = sorted({*extras["all"], "pytest>=7"})
+# the documentation site (mkdocs.yml): `mkdocs build --strict`, API reference from the docstrings
+extras["docs"] = ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"]
+extras["dev"] = sorted({*extras["all"], *extras["docs"], "pytest>=7"})
 
 setup(
     name="kappatune",
@@ -28,8 +30,9 @@ setup(
     description="Selective full-weight fine-tuning: train only the lowest condition-number weight tensors",
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    license="Apache-2.0",
+    license="Apache-2.0",  # an SPDX expression (PEP 639); no license classifier alongside it
     packages=find_packages(include=["kappatune", "kappatune.*"]),
+    package_data={"kappatune": ["py.typed"]},  # PEP 561: the package ships its type hints
     python_requires=">=3.9",
     install_requires=["torch>=2.1", "numpy>=1.22"],
     extras_require=extras,
@@ -37,6 +40,6 @@ setup(
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
-        "License :: OSI Approved :: Apache Software License",
+        "Typing :: Typed",
     ],
 )
