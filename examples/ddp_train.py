@@ -135,13 +135,14 @@ def wrap(model, strategy: str, device: torch.device, distributed: bool):
 
 def full_weights(model, strategy: str):
     """name → whole tensor on CPU (gathers FSDP shards; a collective under FSDP)."""
-    from kappatune.optimizer import _clean_name, unwrap_model
+    from kappatune.optimizer import unwrap_model
+    from kappatune.refs import clean_name
 
     def collect():
         out = {}
         for n, p in unwrap_model(model).named_parameters():
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[_clean_name(n)] = t.detach().cpu().clone()
+            out[clean_name(n)] = t.detach().cpu().clone()
         return out
 
     if strategy == "fsdp1" and dist.is_initialized():

@@ -47,7 +47,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from .scan import TensorRef, scan_refs
+from .refs import TensorRef, default_layout
+from .scan import scan_refs
 from .selection import KappaTable
 
 __all__ = ["scan_checkpoint", "checkpoint_refs", "checkpoint_files", "checkpoint_layout", "CheckpointError",
@@ -78,14 +79,12 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_layout(name: str, shape: Sequence[int]) -> str:
-    """The κ layout of a checkpoint tensor (see the module docstring).
+    """The κ layout of a checkpoint tensor: :func:`kappatune.refs.default_layout` without a module.
 
-    ``"flatten"`` for a 3-D tensor whose name contains ``conv``, else ``"auto"`` (2-D → matrix,
-    3-D → stack of matrices, ≥4-D → flattened to ``(out, -1)``).
+    ``"flatten"`` for a 3-D tensor named ``…weight`` or containing ``conv`` (a convolution
+    kernel), else ``"auto"`` (2-D → matrix, 3-D → stack of matrices, ≥ 4-D → flattened).
     """
-    if len(shape) == 3 and "conv" in name.lower():
-        return "flatten"
-    return "auto"
+    return default_layout(name, shape)
 
 
 def _safe_open(path: Path):
@@ -192,7 +191,7 @@ def _loader(path: Path, name: str) -> Callable[[], torch.Tensor]:
 
 
 def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[TensorRef]:
-    """One lazily loaded :class:`~kappatune.scan.TensorRef` per tensor of the checkpoint.
+    """One lazily loaded :class:`~kappatune.refs.TensorRef` per tensor of the checkpoint.
 
     Only the headers are read here; ``ref.load()`` maps the file and returns that one tensor.
     Raises :class:`CheckpointError` for a missing path, a folder without safetensors weights, a

@@ -53,9 +53,10 @@ from typing import Literal, Optional, Tuple
 import numpy as np
 import torch
 
+from .refs import Layout, resolve_layout
+
 __all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "resolve_layout"]
 
-Layout = Literal["auto", "matrix", "flatten", "stack"]
 Aggregate = Literal["mean", "max"]
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -74,22 +75,6 @@ class KappaResult:
     sigma_min: float
     layout: str
     per_matrix: Optional[Tuple[float, ...]] = None
-
-
-def resolve_layout(shape: Tuple[int, ...], layout: Layout = "auto", *, name: str = "tensor") -> str:
-    """The layout used for a tensor of ``shape``: 2-D → ``matrix``, 3-D → ``stack``, ≥4-D → ``flatten``."""
-    ndim = len(shape)
-    if ndim < 2:
-        raise ValueError(f"{name}: κ needs a tensor with at least 2 dimensions, got shape {tuple(shape)}")
-    if layout == "auto":
-        return "matrix" if ndim == 2 else ("stack" if ndim == 3 else "flatten")
-    if layout not in ("matrix", "flatten", "stack"):
-        raise ValueError(f"layout must be 'auto', 'matrix', 'flatten' or 'stack', got {layout!r}")
-    if layout == "matrix" and ndim != 2:
-        raise ValueError(f"{name}: layout='matrix' needs a 2-D tensor, got shape {tuple(shape)}; use 'flatten' or 'stack'")
-    if layout == "stack" and ndim != 3:
-        raise ValueError(f"{name}: layout='stack' needs a 3-D tensor (num_matrices, m, n), got shape {tuple(shape)}")
-    return layout
 
 
 def _compute_device(t: torch.Tensor) -> torch.device:

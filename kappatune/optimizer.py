@@ -34,14 +34,19 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .cache import KappaCache, tensor_digest
+from .cache import KappaCache
 from .distributed import check_ddp_selection, check_same_selection, check_wrapped_model, sharding_kind
-from .selection import FreezeHandle, KappaEntry, KappaTable, freeze_all_but
+from .refs import clean_name
+from .resolve import Selection, named_parameters, resolve_selection
+from .scan import CacheArg
+from .selection import FreezeHandle, KappaEntry, KappaTable, Patterns, SelectionPolicy, freeze_all_but
 
 __all__ = ["KappaTuneOptimizer", "SelectiveFineTuningOptimizer", "unwrap_model", "STATE_KEY"]
 
@@ -52,13 +57,9 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "kappatune"
 _STATE_FORMAT = "kappatune-selection"
 _STATE_VERSION = 1
-_POLICIES = ("num_tensors", "top_fraction", "param_budget", "max_kappa")
-# Components that wrappers insert into parameter names (FSDP1, activation checkpointing, compile).
-_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 _MISSING = object()
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-Patterns = Union[None, str, Sequence[str]]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -76,26 +77,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _clean_name(name: str) -> str:
-    """``_fsdp_wrapped_module.model.layers.0.…`` → ``model.layers.0.…`` (wrapper components removed)."""
-    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
-    return ".".join(parts)
-
-
-def _named_params(module: nn.Module) -> Dict[str, nn.Parameter]:
-    """Every name (tied aliases too, wrapper components removed) → parameter."""
-    out: Dict[str, nn.Parameter] = {}
-    for n, p in module.named_parameters(remove_duplicate=False):
-        out.setdefault(n, p)
-        out.setdefault(_clean_name(n), p)
-    return out
-
-
 def _param_names_by_id(module: nn.Module) -> Dict[int, str]:
     """id(parameter) → its first (cleaned) name."""
     out: Dict[int, str] = {}
     for n, p in module.named_parameters():
-        out.setdefault(id(p), _clean_name(n))
+        out.setdefault(id(p), clean_name(n))
     return out
 
 
@@ -107,19 +93,17 @@ def _freeze_all_but(module: nn.Module, params: Sequence[torch.Tensor]) -> Freeze
     return freeze_all_but(module, [raw[id(p)] for p in params])
 
 
-def _is_quantized(p: torch.Tensor) -> bool:
+def _refuse_untrainable(name: str, p: torch.Tensor) -> None:
     from .quant import is_quantized_param
 
-    return is_quantized_param(p)
-
-
-def _refuse_quantized(name: str, p: torch.Tensor) -> None:
-    if _is_quantized(p):
+    if is_quantized_param(p):
         raise ValueError(
             f"{name!r} is a bitsandbytes-quantized weight ({type(p).__name__}) and cannot be trained by a torch "
             "optimizer; exclude it (exclude=[...]) or fine-tune the quantized model through adapters with "
             "kappatune.integrations.peft"
         )
+    if not p.is_floating_point() and not p.is_complex():
+        raise ValueError(f"{name!r} has dtype {p.dtype}; only floating-point tensors can be trained")
 
 
 def _fmt_count(n: int) -> str:
@@ -129,8 +113,73 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
-def _kappa_sort_key(kappa: float) -> float:
-    return math.inf if math.isnan(kappa) else kappa
+def _check_factory(optimizer: Any) -> None:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be an optimizer class or a factory params -> Optimizer, got an instance "
+                        f"of {type(optimizer).__name__} (it already holds its parameters); pass "
+                        f"{type(optimizer).__name__} and its keyword arguments instead")
+    if not callable(optimizer):
+        raise TypeError(f"optimizer must be an optimizer class or a callable params -> Optimizer, "
+                        f"got {type(optimizer).__name__}")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        hint = ""
+        if isinstance(model, (list, tuple)) or inspect.isgenerator(model):
+            hint = (" It got parameters or parameter groups, which is what transformers' Trainer passes "
+                    "through optimizer_cls_and_kwargs when the kwargs carry no 'model': use "
+                    "optimizer_cls_and_kwargs=(KappaTuneOptimizer, {'model': model, ...}) or "
+                    "kappatune.integrations.transformers.optimizer_cls_and_kwargs(model, ...).")
+        raise TypeError(f"KappaTuneOptimizer needs the model (an nn.Module) to scan and name its tensors, got "
+                        f"{type(model).__name__}.{hint}")
+
+
+def _build_inner(optimizer: OptimizerFactory, params: List[nn.Parameter], kwargs: Dict[str, Any]
+                 ) -> torch.optim.Optimizer:
+    inner = optimizer(params, **kwargs)
+    what = getattr(optimizer, "__name__", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"optimizer={what!r} returned {type(inner).__name__}, not a torch.optim.Optimizer")
+    held = [p for g in inner.param_groups for p in g["params"]]
+    if {id(p) for p in held} != {id(p) for p in params} or len(held) != len(params):
+        raise ValueError(f"the optimizer built by {what!r} does not hold exactly the {len(params)} selected "
+                         f"tensors it was given (it holds {len(held)}); pass a factory that optimizes the params "
+                         "it receives")
+    return inner
+
+
+def _one_policy(policy: Optional[SelectionPolicy], names: Optional[Sequence[str]], group_by: Any,
+                keywords: Dict[str, Any]) -> Optional[SelectionPolicy]:
+    """The one :class:`SelectionPolicy` of the constructor's arguments (``None`` with ``names=``)."""
+    given = sorted(k for k, v in keywords.items() if v is not None)
+    if policy is not None and not isinstance(policy, SelectionPolicy):
+        raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
+    if names is not None:
+        if given or policy is not None:
+            raise ValueError(f"names= is an explicit selection: do not combine it with a selection policy "
+                             f"(got {', '.join(given) or 'policy='})")
+        if group_by is not None:
+            raise ValueError("group_by applies to a selection policy, not to an explicit names= list")
+        return None
+    if policy is not None:
+        if given or group_by is not None:
+            raise ValueError(f"give policy= or the policy keywords, not both (got policy= and "
+                             f"{', '.join(given) or 'group_by='})")
+        return policy
+    return SelectionPolicy.build(alternative="names= (an explicit list of parameter names)", group_by=group_by,
+                                 **keywords)
+
+
+def _with_frozen_excluded(module: nn.Module, exclude: Patterns) -> List[str]:
+    """``exclude`` plus an exact pattern for each parameter that already has ``requires_grad=False``."""
+    frozen = sorted({clean_name(n) for n, p in module.named_parameters() if not p.requires_grad})
+    given = [] if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
+    return [*given, *(f"^{re.escape(n)}$" for n in frozen)]
+
+
+def _warn_deprecated(old: str, new: str) -> None:
+    warnings.warn(f"KappaTuneOptimizer: {old} is deprecated, use {new}", FutureWarning, stacklevel=3)
 
 
 class KappaTuneOptimizer(torch.optim.Optimizer):
@@ -157,10 +206,15 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         min_ndim, max_dim, include, exclude, aggregate: scan filters (see :func:`kappatune.scan`);
             ``include``/``exclude`` also restrict the candidates of a given ``table``.
         table: a precomputed :class:`KappaTable` of this model (skips the scan).
-        cache_dir: ``True`` → the default κ cache; ``None``/``False`` → no cache; a path or a
-            :class:`KappaCache`.
+        cache: ``True`` → the default κ cache; ``None``/``False`` → no cache; a path or a
+            :class:`KappaCache`. (``cache_dir=`` is its deprecated spelling.)
         recompute: ignore cached κ values (fresh values are still written to the cache).
-        progress: show a progress bar while scanning.
+        progress: a progress bar while scanning (``None``: only when stderr is a terminal).
+        policy: a prepared :class:`~kappatune.selection.SelectionPolicy` instead of the policy
+            keywords above.
+        skip_frozen: leave out of the candidates every tensor whose ``requires_grad`` is already
+            ``False`` (default ``False``: a selected tensor is trained even if the model had it
+            frozen, and a warning says how many were unfrozen that way).
         **optimizer_kwargs: passed to ``optimizer`` (``lr``, ``weight_decay``, …). Invalid
             values fail here, with the inner optimizer's own message.
 
@@ -168,7 +222,13 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         inner: the wrapped optimizer. ``param_groups``, ``state`` and ``defaults`` are its own.
         model: the model given.
         selected: names of the trained tensors, lowest κ first.
-        kappas: the :class:`KappaTable` behind the choice (the whole scan).
+        table: the :class:`KappaTable` behind the choice (the whole scan).
+
+    The wrapper is initialised through ``torch.optim.Optimizer.__init__`` (as
+    ``ZeroRedundancyOptimizer`` is), so torch's hook dictionaries, profiling names and any
+    attribute a later torch adds come from torch; while that runs, its resets of ``param_groups``,
+    ``state`` and ``defaults`` and its ``add_param_group`` calls are not forwarded to the inner
+    optimizer, which already holds the groups.
 
     Example::
 
@@ -177,7 +237,8 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         True
     """
 
-    _PICKLED = ("inner", "model", "_module", "_table", "_selected", "_kappa", "_freeze", "_zero_grad_arg")
+    _PICKLED = ("inner", "model", "_module", "_table", "_selected", "_kappa", "_freeze", "_zero_grad_arg",
+                "_initialized")
 
     def __init__(
         self,
@@ -196,207 +257,72 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         exclude: Patterns = None,
         aggregate: str = "mean",
         table: Optional[KappaTable] = None,
-        cache_dir: Union[bool, None, str, "KappaCache", Any] = True,
+        cache: CacheArg = True,
         recompute: bool = False,
-        progress: bool = True,
+        progress: Optional[bool] = None,
+        policy: Optional[SelectionPolicy] = None,
+        skip_frozen: bool = False,
+        cache_dir: Any = _MISSING,
         **optimizer_kwargs: Any,
     ) -> None:
-        self._init_hooks()
-        if not isinstance(model, nn.Module):
-            hint = ""
-            if isinstance(model, (list, tuple)) or inspect.isgenerator(model):
-                hint = (" It got parameters or parameter groups, which is what transformers' Trainer passes "
-                        "through optimizer_cls_and_kwargs when the kwargs carry no 'model': use "
-                        "optimizer_cls_and_kwargs=(KappaTuneOptimizer, {'model': model, ...}) or "
-                        "kappatune.integrations.transformers.optimizer_cls_and_kwargs(model, ...).")
-            raise TypeError(f"KappaTuneOptimizer needs the model (an nn.Module) to scan and name its tensors, got "
-                            f"{type(model).__name__}.{hint}")
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be an optimizer class or a factory params -> Optimizer, got an instance "
-                            f"of {type(optimizer).__name__} (it already holds its parameters); pass "
-                            f"{type(optimizer).__name__} and its keyword arguments instead")
-        if not callable(optimizer):
-            raise TypeError(f"optimizer must be an optimizer class or a callable params -> Optimizer, "
-                            f"got {type(optimizer).__name__}")
-        if table is not None and not isinstance(table, KappaTable):
-            raise TypeError(f"table must be a KappaTable (from kappatune.scan), got {type(table).__name__}")
-        policies = dict(num_tensors=num_tensors, top_fraction=top_fraction, param_budget=param_budget,
-                        max_kappa=max_kappa)
-        given = sorted(k for k, v in policies.items() if v is not None)
-        if names is not None:
-            if given:
-                raise ValueError(f"names= is an explicit selection: do not combine it with a selection policy "
-                                 f"(got {', '.join(given)})")
-            if group_by is not None:
-                raise ValueError("group_by applies to a selection policy, not to an explicit names= list")
-        elif len(given) != 1:
-            raise ValueError("choose what to train with exactly one of num_tensors=, top_fraction=, param_budget=, "
-                             "max_kappa= (a κ selection policy) or names= (an explicit list of parameter names); "
-                             + (f"got {', '.join(given)}" if given else "got none"))
-
-        if names is None:
-            from .selection import _validate_policy
-
-            _validate_policy(given[0], policies[given[0]])  # before a scan, not after
-        self.model = model
-        self._module = unwrap_model(model)
+        self._initialized = False
+        _check_model(model)
+        _check_factory(optimizer)
+        if cache_dir is not _MISSING:
+            _warn_deprecated("cache_dir=", "cache=")
+            cache = cache_dir
+        policy = _one_policy(policy, names, group_by, dict(num_tensors=num_tensors, top_fraction=top_fraction,
+                                                          param_budget=param_budget, max_kappa=max_kappa))
+        module = unwrap_model(model)
         check_wrapped_model(model, scanning=names is None and table is None)
-        if names is not None:
-            selected, kappa, self._table = self._resolve_names(names, table, cache_dir, aggregate)
-        else:
-            if table is None:
-                from .scan import scan
-
-                table = scan(self._module, min_ndim=min_ndim, max_dim=max_dim, include=include, exclude=exclude,
-                             cache=cache_dir, recompute=recompute, aggregate=aggregate, progress=progress)
-            else:
-                table = self._check_table(table, min_ndim, max_dim)
-            self._table = table
-            selected = table.select(include=include, exclude=exclude, group_by=group_by,
-                                    **{k: v for k, v in policies.items() if v is not None})
-            kappa = {n: table[n].kappa for n in selected}
-
-        by_name = _named_params(self._module)
-        params = [by_name[n] for n in selected]
-        for n, p in zip(selected, params):
-            _refuse_quantized(n, p)
-            if not p.is_floating_point() and not p.is_complex():
-                raise ValueError(f"{n!r} has dtype {p.dtype}; only floating-point tensors can be trained")
-
-        check_same_selection(selected)
+        if skip_frozen and names is None:
+            exclude = _with_frozen_excluded(module, exclude)
+        sel = resolve_selection(module, policy, names=names, include=include, exclude=exclude, table=table,
+                                min_ndim=min_ndim, max_dim=max_dim, aggregate=aggregate, cache=cache,
+                                recompute=recompute, progress=progress,
+                                compare_shapes=sharding_kind(model) != "fsdp1")
+        by_name = named_parameters(module)
+        params = [by_name[n] for n in sel.names]
+        for n, p in zip(sel.names, params):
+            _refuse_untrainable(n, p)
+        check_same_selection(sel.names)
         check_ddp_selection(model, params)
-        self._freeze: FreezeHandle = _freeze_all_but(self._module, params)
+        unfrozen = [n for n, p in zip(sel.names, params) if not p.requires_grad]
+        freeze = _freeze_all_but(module, params)
         try:
-            inner = optimizer(params, **optimizer_kwargs)
-            if not isinstance(inner, torch.optim.Optimizer):
-                raise TypeError(f"optimizer={getattr(optimizer, '__name__', optimizer)!r} returned "
-                                f"{type(inner).__name__}, not a torch.optim.Optimizer")
-            held = [p for g in inner.param_groups for p in g["params"]]
-            if {id(p) for p in held} != {id(p) for p in params} or len(held) != len(params):
-                raise ValueError(f"the optimizer built by {getattr(optimizer, '__name__', optimizer)!r} does not "
-                                 f"hold exactly the {len(params)} selected tensors it was given "
-                                 f"(it holds {len(held)}); pass a factory that optimizes the params it receives")
+            inner = _build_inner(optimizer, params, optimizer_kwargs)
         except BaseException:
-            self._freeze.restore()
+            freeze.restore()
             raise
+        if unfrozen:
+            logger.warning("KappaTuneOptimizer: %d selected tensor(s) had requires_grad=False and are now trained "
+                           "(e.g. %r); pass skip_frozen=True to leave frozen tensors out of the selection",
+                           len(unfrozen), unfrozen[0])
+        self.model = model
+        self._module = module
+        self._table: KappaTable = sel.table
+        self._freeze: FreezeHandle = freeze
         self.inner: torch.optim.Optimizer = inner
-        names_by_id = {id(p): n for n, p in zip(selected, params)}
+        names_by_id = {id(p): n for n, p in zip(sel.names, params)}
         self._selected: List[str] = [names_by_id[id(p)] for g in inner.param_groups for p in g["params"]]
-        self._kappa: Dict[str, float] = {n: float(kappa.get(n, math.nan)) for n in self._selected}
+        self._kappa: Dict[str, float] = {n: float(sel.kappas.get(n, math.nan)) for n in self._selected}
         self._zero_grad_arg = "set_to_none" in inspect.signature(inner.zero_grad).parameters
+        # torch's own initialisation (hooks, step patching, profiling names); see the class docstring.
+        torch.optim.Optimizer.__init__(self, params, inner.defaults)
+        self._initialized = True
         logger.info("%s", self.summary())
-
-    # -- construction helpers ------------------------------------------------------------
-    def _init_hooks(self) -> None:
-        from collections import OrderedDict
-
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
-
-    def _check_table(self, table: KappaTable, min_ndim: int, max_dim: Optional[int]) -> KappaTable:
-        by_name = _named_params(self._module)
-        unknown = [e.name for e in table if e.name not in by_name]
-        if unknown:
-            raise ValueError(f"table= holds {len(unknown)} tensor(s) that are not parameters of "
-                             f"{type(self._module).__name__}, e.g. {unknown[:3]}; it was computed for another model "
-                             "(scan this model, or pass names=)")
-        # FSDP1 (use_orig_params=True) leaves each rank a flat 1-D shard view of every parameter:
-        # shapes cannot be compared there; the names were checked above.
-        sharded = sharding_kind(self.model) == "fsdp1"
-        wrong = [(e.name, e.shape, tuple(by_name[e.name].shape)) for e in table
-                 if not sharded and tuple(e.shape) != tuple(by_name[e.name].shape)
-                 and not _is_quantized(by_name[e.name])]
-        if wrong:
-            n, ts, ms = wrong[0]
-            raise ValueError(f"table= does not match the model: {n!r} has shape {ts} in the table but {ms} in "
-                             f"{type(self._module).__name__} ({len(wrong)} mismatch(es)); scan this model")
-        from .scan import _matrix_dims
-
-        keep, skipped = [], dict(table.skipped)
-        for e in table:
-            if len(e.shape) < max(min_ndim, 2):
-                skipped[e.name] = f"ndim<{max(min_ndim, 2)}"
-            elif max_dim is not None and max(_matrix_dims(tuple(e.shape), e.layout)) > max_dim:
-                skipped[e.name] = "max_dim"
-            else:
-                keep.append(e)
-        return table if len(keep) == len(table) else KappaTable(keep, skipped)
-
-    def _resolve_names(self, names: Sequence[str], table: Optional[KappaTable], cache_dir: Any,
-                       aggregate: str) -> Tuple[List[str], Dict[str, float], KappaTable]:
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise TypeError("names must be a list of parameter names (strings)")
-        names = list(names)
-        if not names:
-            raise ValueError("names= is empty: give at least one parameter name to train")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"names= lists {dup[:3]} more than once")
-        by_name = _named_params(self._module)
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            import difflib
-
-            hint = difflib.get_close_matches(missing[0], list(by_name), n=1)
-            raise ValueError(f"{len(missing)} name(s) in names= are not parameters of "
-                             f"{type(self._module).__name__}: {missing[:5]}"
-                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        seen: Dict[int, str] = {}
-        for n in names:
-            other = seen.setdefault(id(by_name[n]), n)
-            if other != n:
-                raise ValueError(f"names= lists the tied parameter twice, as {other!r} and {n!r}")
-        kappa: Dict[str, float] = {}
-        if table is not None:
-            kappa = {n: table[n].kappa for n in names if n in table}
-        else:
-            kappa = self._kappas_from_cache(names, cache_dir, aggregate)
-        entries = []
-        for n in names:
-            p = by_name[n]
-            base = table[n] if table is not None and n in table else None
-            entries.append(base or KappaEntry(name=n, kappa=kappa.get(n, math.nan), shape=tuple(p.shape),
-                                              numel=p.numel(), dtype=str(p.dtype).replace("torch.", "")))
-        order = sorted(range(len(names)), key=lambda i: (_kappa_sort_key(kappa.get(names[i], math.nan)), i))
-        selected = [names[i] for i in order]
-        return selected, kappa, (table if table is not None else KappaTable(entries))
-
-    def _kappas_from_cache(self, names: Sequence[str], cache_dir: Any, aggregate: str) -> Dict[str, float]:
-        """κ of ``names`` found in the cache (no computation); missing ones are left out."""
-        from .scan import _aggregate, _layout_of, _result_from_cache, model_refs, resolve_cache
-
-        store = resolve_cache(cache_dir)
-        if store is None:
-            return {}
-        wanted = set(names)
-        out: Dict[str, float] = {}
-        for ref in model_refs(self._module):
-            name = _clean_name(ref.name)
-            if name not in wanted or len(ref.shape) < 2 or not ref.floating:
-                continue
-            try:
-                digest = ref.digest() if ref.digest is not None else tensor_digest(ref.load())
-                hit = store.get(KappaCache.key(digest, _layout_of(ref)))
-            except (ValueError, RuntimeError, OSError) as e:  # e.g. a meta tensor: no κ, not an error here
-                logger.debug("no cached κ for %s: %s", name, e)
-                continue
-            if hit is not None:
-                out[name] = _aggregate(_result_from_cache(hit), aggregate)
-        return out
 
     # -- shared state (the inner optimizer's own objects) -----------------------------------
     @property
     def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
         return self.inner.param_groups
 
+    # While torch.optim.Optimizer.__init__ runs, its resets are not forwarded (the inner optimizer
+    # already holds the groups and its fresh state): see the class docstring.
     @param_groups.setter
     def param_groups(self, value: List[Dict[str, Any]]) -> None:
-        self.inner.param_groups = value
+        if self._initialized:
+            self.inner.param_groups = value
 
     @property
     def state(self):  # type: ignore[override]
@@ -404,7 +330,8 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
 
     @state.setter
     def state(self, value) -> None:
-        self.inner.state = value
+        if self._initialized:
+            self.inner.state = value
 
     @property
     def defaults(self) -> Dict[str, Any]:  # type: ignore[override]
@@ -412,7 +339,8 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
 
     @defaults.setter
     def defaults(self, value: Dict[str, Any]) -> None:
-        self.inner.defaults = value
+        if self._initialized:
+            self.inner.defaults = value
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -426,8 +354,14 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         return list(self._selected)
 
     @property
-    def kappas(self) -> KappaTable:
+    def table(self) -> KappaTable:
         """The :class:`KappaTable` behind the selection (the whole scan)."""
+        return self._table
+
+    @property
+    def kappas(self) -> KappaTable:
+        """Deprecated spelling of :attr:`table`."""
+        _warn_deprecated("opt.kappas", "opt.table")
         return self._table
 
     def _counts(self) -> Tuple[int, int, int, int]:
@@ -523,6 +457,8 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
 
         The parameters must belong to the model, since the selection is recorded by name.
         """
+        if not self._initialized:  # torch.optim.Optimizer.__init__: the inner optimizer holds the groups
+            return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group.get("params")
@@ -540,7 +476,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"add_param_group: tensor #{i} (shape {tuple(getattr(p, 'shape', ()))}) is not a "
                                  f"parameter of {type(self._module).__name__}; KappaTuneOptimizer records what it "
                                  "trains by parameter name")
-            _refuse_quantized(n, p)
+            _refuse_untrainable(n, p)
             names.append(n)
         self.inner.add_param_group({**param_group, "params": params})
         for p in params:
@@ -574,7 +510,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
             hook(self)
         groups = self._group_names()
         sd = dict(self.inner.state_dict())
-        by_name = _named_params(self._module)
+        by_name = named_parameters(self._module)
         flat = [n for row in groups for n in row]
         sd[STATE_KEY] = {
             "format": _STATE_FORMAT,
@@ -611,30 +547,47 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
                            len(self._selected))
             self.inner.load_state_dict(sd)
         else:
-            groups = _validate_record(self._module, len(self.inner.param_groups), rec, sd)
-            by_name = _named_params(self._module)
-            new_params = [[by_name[n] for n in row] for row in groups]
-            flat_names = [n for row in groups for n in row]
-            old_ids = {id(p) for g in self.inner.param_groups for p in g["params"]}
-            new_ids = {id(p) for row in new_params for p in row}
-            if new_ids != old_ids:
-                logger.info("load_state_dict: restoring the saved selection of %d tensors (was %d)",
-                            len(new_ids), len(old_ids))
-                for g in self.inner.param_groups:
-                    for p in g["params"]:
-                        if id(p) not in new_ids:
-                            self.inner.state.pop(p, None)
-                check_ddp_selection(self.model, [p for row in new_params for p in row])
-                self._freeze.restore()
-                self._freeze = _freeze_all_but(self._module, [p for row in new_params for p in row])
-            for g, row in zip(self.inner.param_groups, new_params):
-                g["params"] = list(row)
-            self.inner.load_state_dict(sd)
-            self._selected = flat_names
-            saved_k = rec.get("kappas") or {}
-            self._kappa = {n: float(saved_k.get(n, math.nan)) for n in flat_names}
+            self._load_with_selection(sd, rec)
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
+
+    def _load_with_selection(self, sd: Dict[str, Any], rec: Any) -> None:
+        """Switch to the saved selection and load the inner state; all or nothing."""
+        groups = _validate_record(self._module, len(self.inner.param_groups), rec, sd)
+        by_name = named_parameters(self._module)
+        new_params = [[by_name[n] for n in row] for row in groups]
+        flat_params = [p for row in new_params for p in row]
+        inner = self.inner
+        # What a failure must put back exactly: flags, groups (their lists), state, selection.
+        flags = [(p, p.requires_grad) for p in self._module.parameters()]
+        old_groups, old_rows = inner.param_groups, [g["params"] for g in inner.param_groups]
+        old_state, old_freeze = inner.state, self._freeze
+        old_ids = {id(p) for row in old_rows for p in row}
+        new_freeze = None
+        try:
+            if {id(p) for p in flat_params} != old_ids:
+                logger.info("load_state_dict: restoring the saved selection of %d tensors (was %d)",
+                            len(flat_params), len(old_ids))
+                check_ddp_selection(self.model, flat_params)
+                old_freeze.restore()
+                new_freeze = _freeze_all_but(self._module, flat_params)
+            for g, row in zip(inner.param_groups, new_params):
+                g["params"] = list(row)
+            inner.load_state_dict(sd)
+        except BaseException:
+            for g, row in zip(old_groups, old_rows):
+                g["params"] = row
+            inner.param_groups, inner.state = old_groups, old_state
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            old_freeze.restored = False
+            self._freeze = old_freeze
+            raise
+        if new_freeze is not None:
+            self._freeze = new_freeze
+        self._selected = [n for row in groups for n in row]
+        saved_k = rec.get("kappas") or {}
+        self._kappa = {n: float(saved_k.get(n, math.nan)) for n in self._selected}
 
     @classmethod
     def from_state_dict(cls, model: nn.Module, state_dict: Mapping[str, Any],
@@ -654,11 +607,11 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         module = unwrap_model(model)
         groups = _validate_record(module, len(groups), rec, state_dict)
         kappas = rec.get("kappas") or {}
-        by_name = _named_params(module)
+        by_name = named_parameters(module)
         entries = [KappaEntry(name=n, kappa=float(kappas.get(n, math.nan)), shape=tuple(by_name[n].shape),
                               numel=by_name[n].numel(), dtype=str(by_name[n].dtype).replace("torch.", ""))
                    for row in groups for n in row]
-        opt = cls(model, optimizer, names=groups[0], table=KappaTable(entries), cache_dir=None, progress=False,
+        opt = cls(model, optimizer, names=groups[0], table=KappaTable(entries), cache=None, progress=False,
                   **optimizer_kwargs)
         for saved, row in zip(state_dict["param_groups"][1:], groups[1:]):
             hyper = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
@@ -673,8 +626,8 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         return {k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:  # type: ignore[override]
-        self._init_hooks()
         self.__dict__.update(state)
+        torch.optim.Optimizer.__setstate__(self, {})  # torch's hooks and step patching
 
 
 def _validate_record(module: nn.Module, n_groups: int, rec: Any, sd: Mapping[str, Any]) -> List[List[str]]:
@@ -695,15 +648,31 @@ def _validate_record(module: nn.Module, n_groups: int, rec: Any, sd: Mapping[str
         raise ValueError(f"the state dict has {len(groups)} param group(s), this optimizer "
                          f"{n_groups}; build it with KappaTuneOptimizer.from_state_dict"
                          "(model, state_dict, ...) or add the missing group(s) with add_param_group first")
-    by_name = _named_params(module)
+    ids = [i for g in saved_groups for i in g.get("params", ())]
+    if len(set(map(repr, ids))) != len(ids):
+        raise ValueError("this state dict is inconsistent: its param_groups list the same parameter index twice; "
+                         "it was edited or corrupted, load a state dict written by state_dict()")
+    by_name = named_parameters(module)
     shapes = rec.get("shapes") or {}
     problems = []
+    owner: Dict[int, str] = {}
+    for gi, row in enumerate(groups):
+        for n in row:
+            if not isinstance(n, str):
+                raise ValueError(f"the {STATE_KEY!r} selection record of this state dict names a tensor by "
+                                 f"{type(n).__name__} {n!r}, not by name; it was edited or corrupted")
     for n in (n for row in groups for n in row):
         p = by_name.get(n)
         if p is None:
             problems.append(f"{n!r} is not a parameter of the model")
             continue
-        _refuse_quantized(n, p)
+        first = owner.setdefault(id(p), n)
+        if first is not n:
+            same = "is listed twice" if first == n else f"and {first!r} are the same (tied) tensor"
+            raise ValueError(f"cannot load this optimizer state: its κ selection names one tensor more than once "
+                             f"({n!r} {same}), so a step would update it twice; it was edited or corrupted. Load a "
+                             "state dict written by state_dict(), or start a fresh KappaTuneOptimizer.")
+        _refuse_untrainable(n, p)
         if n in shapes and tuple(shapes[n]) != tuple(p.shape):
             problems.append(f"{n!r} has shape {tuple(shapes[n])} in the state dict but {tuple(p.shape)} in "
                             "the model")
@@ -747,7 +716,7 @@ class SelectiveFineTuningOptimizer(KappaTuneOptimizer):
         self.recompute = recompute
         self.max_dim_size_to_analyze = max_dim_size_to_analyze
         super().__init__(model, base_optimizer_cls, num_tensors=num_tensors_to_finetune,
-                         max_dim=max_dim_size_to_analyze, cache_dir=KappaCache(condition_file),
+                         max_dim=max_dim_size_to_analyze, cache=KappaCache(condition_file),
                          recompute=recompute, progress=False, **dict(optimizer_args))
 
     _PICKLED = KappaTuneOptimizer._PICKLED + ("condition_file", "num_tensors_to_finetune", "recompute",

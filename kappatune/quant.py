@@ -36,15 +36,13 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
 
 from .cache import tensor_digest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .scan import TensorRef
+from .refs import TensorRef
 
 __all__ = ["quantized_ref", "is_quantized_param", "dequantize"]
 
@@ -190,8 +188,8 @@ def _digest_int8(name: str, p: torch.Tensor, owner: Optional[nn.Module]) -> str:
     ])
 
 
-def quantized_ref(name: str, p: torch.Tensor, owner: Optional[nn.Module]) -> Optional["TensorRef"]:
-    """A :class:`~kappatune.scan.TensorRef` that dequantizes ``p`` on load, or ``None``.
+def quantized_ref(name: str, p: torch.Tensor, owner: Optional[nn.Module]) -> Optional[TensorRef]:
+    """A :class:`~kappatune.refs.TensorRef` that dequantizes ``p`` on load, or ``None``.
 
     ``None`` means ``p`` is not a quantized bitsandbytes parameter and is scanned as it is. The
     ref's ``shape`` is the logical (dequantized) shape, its ``dtype`` ``"nf4"``, ``"fp4"`` or
@@ -201,7 +199,6 @@ def quantized_ref(name: str, p: torch.Tensor, owner: Optional[nn.Module]) -> Opt
     kind = _kind(p)
     if kind is None:
         return None
-    from .scan import TensorRef
 
     load: Callable[[], torch.Tensor] = lambda: dequantize(p, name, owner)  # noqa: E731
     if kind == "4bit":

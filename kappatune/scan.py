@@ -1,13 +1,19 @@
 """Scan a model's weights for their condition numbers.
 
-:func:`scan` walks ``model.named_parameters()`` (tied weights once), keeps the eligible tensors
-(``min_ndim``, ``max_dim``, ``include`` / ``exclude`` regexes), looks each one up in the
-:class:`~kappatune.cache.KappaCache` by content digest, computes κ for the rest
-(:mod:`kappatune.kappa`) and returns a :class:`~kappatune.selection.KappaTable`.
+:func:`scan` (a model or a state dict) and :func:`scan_refs` (any :class:`~kappatune.refs.TensorRef`,
+e.g. a checkpoint's) run one short pipeline, each step a function of its own:
 
-Under an initialised ``torch.distributed`` process group the κ computations are sharded across
-ranks (each rank analyses its share, results are gathered), every rank ends with rank 0's identical
-table, and only rank 0 writes the cache. Without a process group nothing of this happens.
+1. :func:`filter_refs` — keep the eligible tensors (name filter, ``min_ndim``, ``max_dim``, floating
+   point, non-empty) and record why each other one was skipped;
+2. :func:`lookup` — digest each tensor's content and take its κ from the
+   :class:`~kappatune.cache.KappaCache` where an entry exists;
+3. :func:`compute_local` / :func:`compute_sharded` — compute κ (:mod:`kappatune.kappa`) for the rest,
+   in this process or sharded over the ranks of a ``torch.distributed`` process group;
+4. :func:`store` — record the new values in the cache (rank 0 writes the file);
+5. :func:`build_table` — the :class:`~kappatune.selection.KappaTable`, lowest κ first.
+
+Under an initialised process group every rank ends with rank 0's identical table. Without one,
+nothing distributed happens.
 
 Example::
 
@@ -17,48 +23,45 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .cache import KappaCache, tensor_digest
+from .distributed import rank_and_world
 from .kappa import KappaResult, kappa_of
-from .selection import KappaEntry, KappaTable, compile_patterns
+from .refs import TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
+from .selection import KappaEntry, KappaTable, NameFilter, Patterns
 
-__all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "resolve_cache"]
+__all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "state_dict_refs", "resolve_cache", "CacheArg",
+           "filter_refs", "lookup", "compute_local", "compute_sharded", "store", "build_table", "Looked",
+           "load_tensor", "aggregate_kappa"]
 
 logger = logging.getLogger(__name__)
 
-Patterns = Union[None, str, Sequence[str]]
-CacheArg = Union[bool, None, str, "KappaCache", Any]
-
-
-@dataclass
-class TensorRef:
-    """A tensor to analyse, loaded on demand.
-
-    ``load()`` returns the tensor whose κ is wanted (for a quantized weight: its dequantized
-    matrix); ``digest()`` identifies its stored content for the cache (default: the digest of
-    ``load()``). ``layout`` is ``"auto"``, ``"matrix"``, ``"flatten"`` or ``"stack"``.
-    """
-
-    name: str
-    shape: Tuple[int, ...]
-    dtype: str
-    load: Callable[[], torch.Tensor]
-    layout: str = "auto"
-    digest: Optional[Callable[[], str]] = None
-    floating: bool = True
+#: What ``cache=`` accepts everywhere in kappatune.
+CacheArg = Union[bool, None, str, bytes, "os.PathLike[str]", KappaCache]
 
 
 def resolve_cache(cache: CacheArg) -> Optional[KappaCache]:
-    """``True`` → the default cache; ``False``/``None`` → no cache; a path → ``KappaCache(path)``."""
+    """The :class:`KappaCache` that a ``cache=`` argument names.
+
+    Args:
+        cache: ``True`` → the default cache (:func:`~kappatune.cache.default_cache_dir`);
+            ``False``/``None`` → no cache; a path (``str``, ``bytes`` or ``os.PathLike``) →
+            ``KappaCache(path)``; a :class:`KappaCache` → itself.
+
+    Raises:
+        TypeError: anything else.
+    """
     if cache is True:
         return KappaCache()
     if cache is False or cache is None:
@@ -66,10 +69,11 @@ def resolve_cache(cache: CacheArg) -> Optional[KappaCache]:
     if isinstance(cache, KappaCache):
         return cache
     if isinstance(cache, (str, bytes)) or hasattr(cache, "__fspath__"):
-        return KappaCache(cache)
+        return KappaCache(os.fsdecode(cache))
     raise TypeError(f"cache must be True, False/None, a path or a KappaCache, got {type(cache).__name__}")
 
 
+# -- refs of a model or a state dict ---------------------------------------------------------
 def _owner_modules(model: nn.Module) -> Dict[int, nn.Module]:
     owners: Dict[int, nn.Module] = {}
     for mod in model.modules():
@@ -78,16 +82,15 @@ def _owner_modules(model: nn.Module) -> Dict[int, nn.Module]:
     return owners
 
 
-def _param_layout(p: torch.Tensor, owner: Optional[nn.Module]) -> str:
-    if isinstance(owner, nn.modules.conv._ConvNd):
-        return "flatten"
-    return "auto"
+def _tensor_ref(name: str, t: torch.Tensor, conv: Optional[bool] = None) -> TensorRef:
+    return TensorRef(name=name, shape=tuple(t.shape), dtype=dtype_name(t.dtype), load=(lambda t=t: t.detach()),
+                     layout=default_layout(name, tuple(t.shape), conv=conv), floating=t.is_floating_point())
 
 
 def model_refs(model: nn.Module) -> List[TensorRef]:
     """One :class:`TensorRef` per distinct parameter of ``model`` (tied weights once).
 
-    Convolution kernels get the ``"flatten"`` layout; other 3-D parameters are stacks of matrices.
+    Layouts follow :func:`kappatune.refs.default_layout` (convolution kernels are flattened).
     Parameters of quantized layers (bitsandbytes) are dequantized by :mod:`kappatune.quant`.
     """
     from . import quant
@@ -99,61 +102,160 @@ def model_refs(model: nn.Module) -> List[TensorRef]:
         qref = quant.quantized_ref(name, p, owner)
         if qref is not None:
             refs.append(qref)
-            continue
-        refs.append(TensorRef(
-            name=name, shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
-            load=(lambda p=p: p.detach()), layout=_param_layout(p, owner),
-            floating=p.is_floating_point(),
-        ))
+        else:
+            refs.append(_tensor_ref(name, p, conv=isinstance(owner, nn.modules.conv._ConvNd)))
     return refs
 
 
-def _matrix_dims(shape: Tuple[int, ...], layout: str) -> Tuple[int, int]:
-    if layout == "stack" or (layout == "auto" and len(shape) == 3):
-        return shape[1], shape[2]
-    if layout == "flatten" or len(shape) > 2:
-        return shape[0], math.prod(shape[1:])
-    return shape[0], shape[1]
+def state_dict_refs(state_dict: Mapping[str, torch.Tensor]) -> List[TensorRef]:
+    """One :class:`TensorRef` per tensor of a state dict (layouts by name, as for a checkpoint)."""
+    refs = []
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor")
+        refs.append(_tensor_ref(k, v))
+    return refs
 
 
-def _skip_reason(ref: TensorRef, min_ndim: int, max_dim: Optional[int], inc, exc) -> Optional[str]:
-    if inc and not any(r.search(ref.name) for r in inc):
-        return "not included"
-    if any(r.search(ref.name) for r in exc):
-        return "excluded"
+# -- 1. filter -------------------------------------------------------------------------------
+def _skip_reason(ref: TensorRef, min_ndim: int, max_dim: Optional[int], names: NameFilter) -> Optional[str]:
+    reason = names.reason(ref.name)
+    if reason:
+        return reason
     if len(ref.shape) < max(min_ndim, 2):
         return f"ndim<{max(min_ndim, 2)}"
     if not ref.floating:
         return "not floating point"
     if math.prod(ref.shape) == 0:
         return "empty"
-    if max_dim is not None and max(_matrix_dims(ref.shape, ref.layout)) > max_dim:
+    if max_dim is not None and max(matrix_dims(ref.shape, ref.layout)) > max_dim:
         return "max_dim"
     return None
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
+def filter_refs(refs: Iterable[TensorRef], *, min_ndim: int = 2, max_dim: Optional[int] = None,
+                names: Optional[NameFilter] = None) -> Tuple[List[TensorRef], Dict[str, str]]:
+    """Step 1: the eligible refs, and ``name → reason`` for every other one.
 
-            return tqdm(total=total, desc=desc, unit="tensor", leave=False)
-        except ImportError:  # tqdm is optional
-            pass
-    return None
+    Args:
+        refs (Iterable[TensorRef]): the candidates; names must be unique.
+        min_ndim (int): fewer dimensions → ``"ndim<k"`` (default 2; at least 2 always applies).
+        max_dim (Optional[int]): a matrix side longer than this → ``"max_dim"`` (default ``None``).
+        names (Optional[NameFilter]): include/exclude patterns (default ``None``: all names).
+
+    Raises:
+        ValueError: a name that appears twice, or an invalid argument.
+    """
+    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
+        raise ValueError(f"min_ndim must be an int >= 1, got {min_ndim!r}")
+    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
+        raise ValueError(f"max_dim must be None or an int >= 1, got {max_dim!r}")
+    names = names if names is not None else NameFilter()
+    eligible: List[TensorRef] = []
+    skipped: Dict[str, str] = {}
+    seen = set()
+    for ref in refs:
+        if ref.name in seen:
+            raise ValueError(f"tensor name {ref.name!r} appears twice")
+        seen.add(ref.name)
+        reason = _skip_reason(ref, min_ndim, max_dim, names)
+        if reason:
+            skipped[ref.name] = reason
+        else:
+            eligible.append(ref)
+    return eligible, skipped
 
 
-def _dist_info() -> Tuple[bool, int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        ws = torch.distributed.get_world_size()
-        return ws > 1, torch.distributed.get_rank(), ws
-    return False, 0, 1
+# -- 2. cache lookup -------------------------------------------------------------------------
+def load_tensor(ref: TensorRef) -> torch.Tensor:
+    """``ref.load()``, refusing a tensor that holds no data (the meta device) with a clear error."""
+    t = ref.load()
+    if t.device.type == "meta":
+        raise ValueError(f"{ref.name}: the tensor is on the meta device (no data); load real weights before "
+                         "scanning (e.g. from_pretrained without device_map='meta' / init_empty_weights)")
+    return t
+
+
+def _digest(ref: TensorRef) -> str:
+    return ref.digest() if ref.digest is not None else tensor_digest(load_tensor(ref))
+
+
+def _result_from_entry(e: Mapping[str, Any]) -> KappaResult:
+    pm = e.get("per_matrix")
+    return KappaResult(float(e["kappa"]), float(e["sigma_max"]), float(e["sigma_min"]), str(e["layout"]),
+                       None if pm is None else tuple(float(v) for v in pm))
+
+
+@dataclass
+class Looked:
+    """One eligible ref after step 2.
+
+    ``cached`` is its cached result (``None``: missing), ``digest`` its content digest (``None``
+    without a cache), and ``tensor`` the tensor if it was loaded to be digested, for step 3 to reuse
+    (so a missing tensor is read once).
+    """
+
+    ref: TensorRef
+    digest: Optional[str]
+    cached: Optional[KappaResult]
+    tensor: Optional[torch.Tensor] = None
+
+
+def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute: bool = False
+           ) -> Iterator[Looked]:
+    """Step 2: the cached κ of each ref, by content digest, lazily (one tensor in hand at a time).
+
+    Args:
+        refs (Iterable[TensorRef]): eligible refs.
+        cache (Optional[KappaCache]): the cache (``None``: every ref is missing, nothing is digested).
+        recompute (bool): digest but ignore cached values (default ``False``).
+    """
+    for ref in refs:
+        if cache is None:
+            yield Looked(ref, None, None)
+            continue
+        tensor = None
+        if ref.digest is not None:
+            digest = ref.digest()
+        else:
+            tensor = load_tensor(ref)
+            digest = tensor_digest(tensor)
+        hit = None if recompute else cache.get(KappaCache.key(digest, ref.resolved_layout))
+        if hit is not None:
+            yield Looked(ref, digest, _result_from_entry(hit))
+        else:
+            yield Looked(ref, digest, None, tensor)
+
+
+# -- 3. compute ------------------------------------------------------------------------------
+def _kappa_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> KappaResult:
+    t = tensor if tensor is not None else load_tensor(ref)
+    return kappa_of(t, name=ref.name, layout=ref.layout)  # type: ignore[arg-type]
+
+
+def compute_local(items: Iterable[Looked], *, bar: Any = None) -> Dict[str, KappaResult]:
+    """Step 3 in one process: κ of every item without a cached result, one tensor at a time.
+
+    Args:
+        items (Iterable[Looked]): step 2's output (consumed lazily; cached items only advance ``bar``).
+        bar: a ``tqdm`` bar to advance per tensor (default ``None``).
+
+    Returns:
+        name → result of the computed items.
+    """
+    out: Dict[str, KappaResult] = {}
+    for it in items:
+        if it.cached is None:
+            out[it.ref.name] = _kappa_of(it.ref, it.tensor)
+            it.tensor = None
+        if bar is not None:
+            bar.update(1)
+    return out
 
 
 def _cost(ref: TensorRef) -> int:
-    m, n = _matrix_dims(ref.shape, ref.layout)
-    b = ref.shape[0] if (ref.layout == "stack" or (ref.layout == "auto" and len(ref.shape) == 3)) else 1
-    return b * m * n * min(m, n)
+    m, n = matrix_dims(ref.shape, ref.layout)
+    return num_matrices(ref.shape, ref.layout) * m * n * min(m, n)
 
 
 def _shard(names_costs: List[Tuple[str, int]], world: int) -> Dict[str, int]:
@@ -167,18 +269,119 @@ def _shard(names_costs: List[Tuple[str, int]], world: int) -> Dict[str, int]:
     return owner
 
 
-def _result_from_cache(e: dict) -> KappaResult:
-    pm = e.get("per_matrix")
-    return KappaResult(e["kappa"], e["sigma_max"], e["sigma_min"], e["layout"],
-                       None if pm is None else tuple(pm))
+def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult], *, bar: Any = None
+                    ) -> Dict[str, KappaResult]:
+    """Step 3 over the ranks of the default process group: each rank computes its share.
+
+    Every rank passes the refs it misses and the results it ``known`` (e.g. from its cache);
+    the union of the missing ones is split by cost (longest first), each rank computes (or takes
+    from ``known``) its share, and the results are gathered, so every rank returns κ of every
+    ref any rank missed.
+
+    Raises:
+        RuntimeError: a rank was assigned a tensor it does not have (the ranks scan different models).
+    """
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    by_name = {r.name: r for r in refs}
+    gathered: List[Any] = [None] * world
+    dist.all_gather_object(gathered, [(r.name, _cost(r)) for r in refs])
+    union: Dict[str, int] = {}
+    for part in gathered:
+        union.update(dict(part))
+    owner = _shard(list(union.items()), world)
+    mine = sorted(n for n, r in owner.items() if r == rank)
+    unknown = [n for n in mine if n not in known and n not in by_name]
+    if unknown:
+        raise RuntimeError(f"rank {rank} was assigned {unknown[0]!r}, which it does not have; every rank "
+                           "must scan the same set of tensors (scan before sharding the model with FSDP)")
+    computed = {n: known[n] for n in mine if n in known}
+    computed.update(compute_local((Looked(by_name[n], None, None) for n in mine if n not in known), bar=bar))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {n: dataclasses.astuple(r) for n, r in computed.items()})
+    out: Dict[str, KappaResult] = {}
+    for part in gathered:
+        for name, vals in part.items():
+            out.setdefault(name, KappaResult(*vals))
+    lost = [r.name for r in refs if r.name not in out]
+    if lost:
+        raise RuntimeError(f"distributed κ scan lost results for {lost[:3]}")
+    return out
 
 
-def _aggregate(res: KappaResult, aggregate: str) -> float:
+# -- 4. store --------------------------------------------------------------------------------
+def store(cache: Optional[KappaCache], refs: Sequence[TensorRef], results: Mapping[str, KappaResult],
+          digests: Mapping[str, str], *, write: bool = True) -> int:
+    """Step 4: record the ``results`` of ``refs`` under their digests; returns how many were recorded.
+
+    Args:
+        cache (Optional[KappaCache]): the cache (``None``: nothing happens).
+        refs (Sequence[TensorRef]): the refs whose results are new (computed, or recomputed).
+        results (Mapping[str, KappaResult]): name → result.
+        digests (Mapping[str, str]): name → content digest (from :func:`lookup`).
+        write (bool): write the file (default ``True``; under a process group only rank 0 does).
+    """
+    if cache is None:
+        return 0
+    for ref in refs:
+        res = results[ref.name]
+        cache.put(KappaCache.key(digests[ref.name], res.layout), kappa=res.kappa, sigma_max=res.sigma_max,
+                  sigma_min=res.sigma_min, shape=ref.shape, dtype=ref.dtype, layout=res.layout,
+                  per_matrix=res.per_matrix, name=ref.name)
+    if write and refs:
+        cache.save()
+    return len(refs)
+
+
+# -- 5. table --------------------------------------------------------------------------------
+def aggregate_kappa(res: KappaResult, aggregate: str = "mean") -> float:
+    """κ of a result: the value itself, or the ``"mean"``/``"max"`` over the matrices of a stack."""
     if res.per_matrix is None:
         return res.kappa
     return max(res.per_matrix) if aggregate == "max" else sum(res.per_matrix) / len(res.per_matrix)
 
 
+def build_table(refs: Sequence[TensorRef], results: Mapping[str, KappaResult], digests: Mapping[str, str],
+                skipped: Mapping[str, str], *, aggregate: str = "mean") -> KappaTable:
+    """Step 5: the :class:`KappaTable` of ``refs`` (lowest κ first) with the ``skipped`` reasons."""
+    entries = []
+    for ref in refs:
+        res = results[ref.name]
+        entries.append(KappaEntry(
+            name=ref.name, kappa=aggregate_kappa(res, aggregate), shape=tuple(ref.shape),
+            numel=math.prod(ref.shape), dtype=ref.dtype, layout=res.layout, sigma_max=res.sigma_max,
+            sigma_min=res.sigma_min, per_matrix=res.per_matrix, digest=digests.get(ref.name)))
+    return KappaTable(entries, skipped)
+
+
+def _recording(items: Iterable[Looked], into: List[Looked]) -> Iterator[Looked]:
+    for it in items:
+        into.append(it)
+        yield it
+
+
+def _progress(total: int, progress: Optional[bool], desc: str):
+    if progress is False or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    # tqdm's convention: disable=None draws only when the stream is a terminal.
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None if progress is None else False)
+
+
+def _broadcast_table(table: KappaTable) -> KappaTable:
+    import torch.distributed as dist
+
+    obj = [table.to_dict()]
+    dist.broadcast_object_list(obj, src=0)
+    dist.barrier()
+    return KappaTable.from_dict(obj[0])
+
+
+# -- the pipeline ----------------------------------------------------------------------------
 def scan(
     model: Union[nn.Module, Mapping[str, torch.Tensor]],
     *,
@@ -189,22 +392,30 @@ def scan(
     cache: CacheArg = True,
     recompute: bool = False,
     aggregate: str = "mean",
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> KappaTable:
     """κ of every eligible weight of ``model``, as a :class:`KappaTable` (lowest κ first).
 
     Args:
-        model: an ``nn.Module`` (its ``named_parameters()``, tied weights once) or a mapping of
-            names to tensors (a state dict).
-        min_ndim: tensors with fewer dimensions are skipped (default 2: biases and norms).
-        max_dim: skip tensors with a matrix side longer than this (e.g. ``16384`` skips large
-            embeddings, the costliest and usually least wanted).
-        include / exclude: regexes (``re.search``) on parameter names.
-        cache: ``True`` (default) uses :func:`~kappatune.cache.default_cache_dir`; a path or a
-            :class:`KappaCache` uses that; ``False``/``None`` disables caching.
-        recompute: ignore cached values (fresh values are still written to the cache).
-        aggregate: ``"mean"`` or ``"max"`` over the matrices of a stacked 3-D parameter.
-        progress: show a ``tqdm`` progress bar (if ``tqdm`` is installed).
+        model (nn.Module or Mapping[str, Tensor]): a module (its ``named_parameters()``, tied
+            weights once) or a state dict.
+        min_ndim (int): tensors with fewer dimensions are skipped (default 2: biases and norms).
+        max_dim (Optional[int]): skip tensors with a matrix side longer than this (default
+            ``None``; e.g. ``16384`` skips large embeddings, the costliest and usually least wanted).
+        include (None, str or sequence of str): regexes (``re.search``) a name must match one of
+            (default ``None``: all).
+        exclude (None, str or sequence of str): regexes no name may match (default ``None``).
+        cache (bool, path or KappaCache): ``True`` (default) uses
+            :func:`~kappatune.cache.default_cache_dir`; a path or a :class:`KappaCache` uses that;
+            ``False``/``None`` disables caching.
+        recompute (bool): ignore cached values; fresh values are still written (default ``False``).
+        aggregate (str): ``"mean"`` (default) or ``"max"`` over the matrices of a stacked 3-D parameter.
+        progress (Optional[bool]): a ``tqdm`` bar (if installed): ``None`` (default) draws it only
+            when stderr is a terminal, ``True`` always, ``False`` never.
+
+    Raises:
+        ValueError: an invalid argument, or a tensor with NaN/Inf values or without data (meta),
+            named in the message.
     """
     if isinstance(model, nn.Module):
         from .distributed import check_wrapped_model
@@ -212,9 +423,7 @@ def scan(
         check_wrapped_model(model, scanning=True)  # an FSDP-sharded model holds no whole matrices
         refs = model_refs(model)
     elif isinstance(model, Mapping):
-        refs = [TensorRef(name=k, shape=tuple(v.shape), dtype=str(v.dtype).replace("torch.", ""),
-                          load=(lambda v=v: v.detach()), floating=v.is_floating_point())
-                for k, v in model.items()]
+        refs = state_dict_refs(model)
     else:
         raise TypeError(f"scan expects an nn.Module or a mapping of name -> tensor, got {type(model).__name__}")
     return scan_refs(refs, min_ndim=min_ndim, max_dim=max_dim, include=include, exclude=exclude,
@@ -231,158 +440,45 @@ def scan_refs(
     cache: CacheArg = True,
     recompute: bool = False,
     aggregate: str = "mean",
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> KappaTable:
-    """:func:`scan` over :class:`TensorRef` objects (used for checkpoints on disk)."""
-    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
-        raise ValueError(f"min_ndim must be an int >= 1, got {min_ndim!r}")
-    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
-        raise ValueError(f"max_dim must be None or an int >= 1, got {max_dim!r}")
+    """:func:`scan` over :class:`TensorRef` objects (a checkpoint's, or any loader's); same arguments."""
     if aggregate not in ("mean", "max"):
         raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
-    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
-    store = resolve_cache(cache)
-    distributed, rank, world = _dist_info()
+    names = NameFilter(include, exclude)
+    cache_ = resolve_cache(cache)
+    rank, world = rank_and_world()
+    distributed = world > 1
     t0 = time.perf_counter()
 
-    eligible: List[TensorRef] = []
-    skipped: Dict[str, str] = {}
-    seen = set()
-    for ref in refs:
-        if ref.name in seen:
-            raise ValueError(f"tensor name {ref.name!r} appears twice")
-        seen.add(ref.name)
-        reason = _skip_reason(ref, min_ndim, max_dim, inc, exc)
-        if reason:
-            skipped[ref.name] = reason
-        else:
-            eligible.append(ref)
-
-    results: Dict[str, KappaResult] = {}
-    digests: Dict[str, Optional[str]] = {}
-    todo: List[TensorRef] = []
-    n_cached = 0
-    bar = _progress(len(eligible), progress and rank == 0, "κ scan")
+    eligible, skipped = filter_refs(refs, min_ndim=min_ndim, max_dim=max_dim, names=names)
+    bar = _progress(len(eligible), progress if rank == 0 else False, "κ scan")
     try:
-        for ref in eligible:
-            tensor = None
-            digest = None
-            if store is not None:
-                if ref.digest is not None:
-                    digest = ref.digest()
-                else:
-                    tensor = ref.load()
-                    digest = tensor_digest(tensor)
-                digests[ref.name] = digest
-                hit = None if recompute else store.get(KappaCache.key(digest, _layout_of(ref)))
-                if hit is not None:
-                    results[ref.name] = _result_from_cache(hit)
-                    n_cached += 1
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-            if distributed:
-                todo.append(ref)
-                continue
-            results[ref.name] = _compute(ref, tensor)
-            del tensor
+        if distributed:  # every rank digests its tensors, then the ranks share out the missing ones
+            looked = [dataclasses.replace(it, tensor=None) for it in lookup(eligible, cache_, recompute=recompute)]
+            cached = {it.ref.name: it.cached for it in looked if it.cached is not None}
             if bar is not None:
-                bar.update(1)
-        if distributed:
-            _distributed_compute(todo, results, rank, world, bar)
+                bar.update(len(cached))
+            new = compute_sharded([it.ref for it in looked if it.cached is None], cached, bar=bar)
+        else:
+            looked = []
+            new = compute_local(_recording(lookup(eligible, cache_, recompute=recompute), looked), bar=bar)
     finally:
         if bar is not None:
             bar.close()
-
-    n_computed = len(eligible) - n_cached
-    if store is not None:
-        for ref in eligible:
-            res = results[ref.name]
-            key = KappaCache.key(digests[ref.name], res.layout)  # type: ignore[arg-type]
-            if key not in store or recompute:
-                store.put(key, kappa=res.kappa, sigma_max=res.sigma_max, sigma_min=res.sigma_min,
-                          shape=ref.shape, dtype=ref.dtype, layout=res.layout,
-                          per_matrix=res.per_matrix, name=ref.name)
-        if rank == 0:
-            store.save()
-
-    entries = [
-        KappaEntry(name=ref.name, kappa=_aggregate(results[ref.name], aggregate), shape=tuple(ref.shape),
-                   numel=math.prod(ref.shape), dtype=ref.dtype, layout=results[ref.name].layout,
-                   sigma_max=results[ref.name].sigma_max, sigma_min=results[ref.name].sigma_min,
-                   per_matrix=results[ref.name].per_matrix, digest=digests.get(ref.name))
-        for ref in eligible
-    ]
-    table = KappaTable(entries, skipped)
+    digests = {it.ref.name: it.digest for it in looked if it.digest is not None}
+    results = {**{it.ref.name: it.cached for it in looked if it.cached is not None}, **new}
+    missing = [it.ref for it in looked if it.cached is None]
+    store(cache_, missing, results, digests, write=rank == 0)
+    table = build_table(eligible, results, digests, skipped, aggregate=aggregate)
     if distributed:
         table = _broadcast_table(table)
 
     reasons = Counter(skipped.values())
     logger.info(
         "κ scan: %d tensors analysed (%d from cache, %d computed%s) in %.2fs; %d skipped%s",
-        len(eligible), n_cached, n_computed, f" over {world} ranks" if distributed else "",
-        time.perf_counter() - t0, len(skipped),
+        len(eligible), len(eligible) - len(missing), len(missing),
+        f" over {world} ranks" if distributed else "", time.perf_counter() - t0, len(skipped),
         (" (" + ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())) + ")") if reasons else "",
     )
     return table
-
-
-def _layout_of(ref: TensorRef) -> str:
-    from .kappa import resolve_layout
-
-    return resolve_layout(tuple(ref.shape), ref.layout, name=ref.name)  # type: ignore[arg-type]
-
-
-def _compute(ref: TensorRef, tensor: Optional[torch.Tensor]) -> KappaResult:
-    if tensor is None:
-        tensor = ref.load()
-    if tensor.device.type == "meta":
-        raise ValueError(f"{ref.name}: the tensor is on the meta device (no data); load real weights before scanning")
-    return kappa_of(tensor, name=ref.name, layout=ref.layout)  # type: ignore[arg-type]
-
-
-def _distributed_compute(todo: List[TensorRef], results: Dict[str, KappaResult], rank: int, world: int, bar) -> None:
-    import torch.distributed as dist
-
-    by_name = {r.name: r for r in todo}
-    mine_missing = [(r.name, _cost(r)) for r in todo]
-    gathered: List[Any] = [None] * world
-    dist.all_gather_object(gathered, mine_missing)
-    union: Dict[str, int] = {}
-    for part in gathered:
-        for name, cost in part:
-            union[name] = cost
-    owner = _shard(list(union.items()), world)
-    computed: Dict[str, Tuple] = {}
-    for name in sorted(n for n, r in owner.items() if r == rank):
-        if name in results:  # cached here, missing on another rank
-            res = results[name]
-        else:
-            if name not in by_name:
-                raise RuntimeError(f"rank {rank} was assigned {name!r}, which it does not have; every rank "
-                                   "must scan the same set of tensors (scan before sharding the model with FSDP)")
-            res = _compute(by_name[name], None)
-        computed[name] = (res.kappa, res.sigma_max, res.sigma_min, res.layout, res.per_matrix)
-        if bar is not None:
-            bar.update(1)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, computed)
-    for part in gathered:
-        for name, vals in part.items():
-            results.setdefault(name, KappaResult(*vals))
-    missing = [r.name for r in todo if r.name not in results]
-    if missing:
-        raise RuntimeError(f"distributed κ scan lost results for {missing[:3]}")
-    _dist_info_last.update(computed_here=len(computed))
-
-
-_dist_info_last: Dict[str, int] = {}
-
-
-def _broadcast_table(table: KappaTable) -> KappaTable:
-    import torch.distributed as dist
-
-    obj = [table.to_dict()]
-    dist.broadcast_object_list(obj, src=0)
-    dist.barrier()
-    return KappaTable.from_dict(obj[0])

@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from torch import nn
 
-__all__ = ["KappaEntry", "KappaTable", "FreezeHandle", "freeze_all_but", "module_kind", "layer_index"]
+__all__ = ["KappaEntry", "KappaTable", "SelectionPolicy", "NameFilter", "FreezeHandle", "freeze_all_but",
+           "module_kind", "layer_index", "compile_patterns", "kappa_sort_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,17 @@ class KappaEntry:
     per_matrix: Optional[Tuple[float, ...]] = None
     digest: Optional[str] = None
 
+    def __float__(self) -> float:
+        return float(self.kappa)
+
     @property
     def kind(self) -> str:
+        """:func:`module_kind` of the name."""
         return module_kind(self.name)
 
     @property
     def layer(self) -> Optional[int]:
+        """:func:`layer_index` of the name."""
         return layer_index(self.name)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -107,11 +113,17 @@ class KappaEntry:
         )
 
 
+def kappa_sort_key(kappa: float) -> float:
+    """The order of κ values in tables and selections: ascending, NaN (unknown) last with ``inf``."""
+    return math.inf if math.isnan(kappa) else kappa
+
+
 def _sort_key(e: KappaEntry) -> Tuple[float, str]:
-    return (e.kappa if not math.isnan(e.kappa) else math.inf, e.name)
+    return (kappa_sort_key(e.kappa), e.name)
 
 
 GroupBy = Union[None, str, Callable[[str], Any]]
+Patterns = Union[None, str, Sequence[str]]
 
 
 class KappaTable(Sequence[KappaEntry]):
@@ -198,39 +210,225 @@ class KappaTable(Sequence[KappaEntry]):
     # -- selection ---------------------------------------------------------------------
     def select(
         self,
+        policy: Optional["SelectionPolicy"] = None,
         *,
         num_tensors: Optional[int] = None,
         top_fraction: Optional[float] = None,
         param_budget: Optional[Union[int, float]] = None,
         max_kappa: Optional[float] = None,
-        include: Union[None, str, Sequence[str]] = None,
-        exclude: Union[None, str, Sequence[str]] = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
         group_by: GroupBy = None,
     ) -> List[str]:
         """Names chosen by exactly one policy, lowest κ first (see the module docstring).
 
-        ``include`` / ``exclude`` are regexes (``re.search`` on the name) restricting the candidates.
+        Args:
+            policy (Optional[SelectionPolicy]): a prepared policy (default ``None``: built from
+                the keyword arguments below, which must then name exactly one policy).
+            num_tensors / top_fraction / param_budget / max_kappa / group_by: see
+                :class:`SelectionPolicy` (default ``None``).
+            include / exclude (None, str or sequence of str): regexes (``re.search`` on the name)
+                restricting the candidates (see :class:`NameFilter`; default ``None``).
+
+        Raises:
+            ValueError: no policy or several, an invalid value, or nothing selectable.
         """
-        given = {k: v for k, v in dict(num_tensors=num_tensors, top_fraction=top_fraction,
-                                          param_budget=param_budget, max_kappa=max_kappa).items() if v is not None}
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one selection policy: num_tensors, top_fraction, param_budget or max_kappa; "
-                + (f"got {sorted(given)}" if given else "got none")
-            )
-        policy, value = next(iter(given.items()))
-        _validate_policy(policy, value)
-        inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
-        cands = [e for e in self._entries
-                 if (not inc or any(r.search(e.name) for r in inc)) and not any(r.search(e.name) for r in exc)]
+        if policy is None:
+            policy = SelectionPolicy(num_tensors=num_tensors, top_fraction=top_fraction,
+                                     param_budget=param_budget, max_kappa=max_kappa, group_by=group_by)
+        elif not isinstance(policy, SelectionPolicy):
+            raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
+        elif any(v is not None for v in (num_tensors, top_fraction, param_budget, max_kappa, group_by)):
+            raise ValueError("give a SelectionPolicy or policy keyword arguments, not both")
+        return policy.apply(self, NameFilter(include, exclude))
+
+
+_POLICY_NAMES = ("num_tensors", "top_fraction", "param_budget", "max_kappa")
+
+
+def _validate_value(policy: str, value: Any) -> None:
+    if policy == "num_tensors":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"num_tensors must be an int >= 1, got {value!r}")
+    elif policy == "top_fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {value!r}")
+    elif policy == "param_budget":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+            raise ValueError(f"param_budget must be a float fraction in (0, 1] or an int parameter count >= 1, "
+                             f"got {value!r}")
+        if isinstance(value, float) and value > 1 and not value.is_integer():
+            raise ValueError(f"param_budget > 1 is a parameter count and must be whole, got {value!r}")
+    elif policy == "max_kappa":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+            raise ValueError(f"max_kappa must be a number > 0, got {value!r}")
+
+
+def compile_patterns(patterns: Patterns, arg: str) -> List["re.Pattern[str]"]:
+    """``include=``/``exclude=`` regexes (one string or a sequence), compiled.
+
+    Args:
+        patterns (None, str or sequence of str): the regexes (default none).
+        arg (str): names the argument in errors (``"include"``, ``"--exclude"``, …).
+
+    Raises:
+        ValueError: a pattern that is not a valid regular expression, naming ``arg``.
+    """
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    elif isinstance(patterns, bytes) or not isinstance(patterns, Iterable):
+        raise TypeError(f"{arg} must be a regex string or a sequence of them, got {type(patterns).__name__}")
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{arg} must be a regex string or a sequence of them, got an element of type "
+                            f"{type(p).__name__}")
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"{arg}: invalid regular expression {p!r}: {e}") from None
+    return out
+
+
+def _check_one(options: Any, alternative: str) -> None:
+    get = options.get if isinstance(options, Mapping) else (lambda k: getattr(options, k))
+    given = [k for k in _POLICY_NAMES if get(k) is not None]
+    if len(given) != 1:
+        alt = f" or {alternative}" if alternative else ""
+        raise ValueError("choose what to train with exactly one selection policy: num_tensors=, top_fraction=, "
+                         f"param_budget=, max_kappa={alt}; " + (f"got {', '.join(given)}" if given else "got none"))
+
+
+class NameFilter:
+    """The include/exclude rule on tensor names, shared by the scan, the table, the CLI and PEFT.
+
+    A name passes when it matches (``re.search``) at least one ``include`` pattern (or none are
+    given) and no ``exclude`` pattern.
+
+    Args:
+        include (None, str or sequence of str): regexes a name must match one of (default ``None``:
+            every name).
+        exclude (None, str or sequence of str): regexes no name may match (default ``None``).
+        arg_names (Tuple[str, str]): how the two arguments are named in errors (default
+            ``("include", "exclude")``; the CLI passes ``("--include", "--exclude")``).
+    """
+
+    def __init__(self, include: Patterns = None, exclude: Patterns = None, *,
+                 arg_names: Tuple[str, str] = ("include", "exclude")) -> None:
+        self.include = include
+        self.exclude = exclude
+        self._inc = compile_patterns(include, arg_names[0])
+        self._exc = compile_patterns(exclude, arg_names[1])
+
+    def reason(self, name: str) -> Optional[str]:
+        """Why ``name`` is filtered out (``"not included"`` or ``"excluded"``), or ``None`` if it passes."""
+        if self._inc and not any(r.search(name) for r in self._inc):
+            return "not included"
+        if any(r.search(name) for r in self._exc):
+            return "excluded"
+        return None
+
+    def __call__(self, name: str) -> bool:
+        return self.reason(name) is None
+
+    @property
+    def active(self) -> bool:
+        """Whether any pattern is set."""
+        return bool(self._inc or self._exc)
+
+    def __repr__(self) -> str:
+        return f"NameFilter(include={self.include!r}, exclude={self.exclude!r})"
+
+
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """Which tensors of a :class:`KappaTable` to train: exactly one policy, optionally per group.
+
+    Args:
+        num_tensors (Optional[int]): the ``k`` lowest-κ tensors (default ``None``).
+        top_fraction (Optional[float]): the lowest-κ ``ceil(f · N)`` of the ``N`` candidates,
+            ``0 < f <= 1`` (default ``None``).
+        param_budget (Optional[Union[int, float]]): walking from the lowest κ up, every tensor
+            that still fits in ``b`` parameters: a float ``0 < b <= 1`` is a fraction of the
+            candidates' parameters, a whole number ``>= 1`` a count (default ``None``).
+        max_kappa (Optional[float]): every tensor with ``κ <= t`` (default ``None``).
+        group_by (None, ``"kind"``, ``"layer"`` or Callable[[str], Any]): apply the policy within
+            each module kind, each layer, or each key of a callable ``name -> key`` (default ``None``:
+            over all candidates at once). An absolute ``param_budget`` is split over the groups in
+            proportion to their size.
+
+    Raises:
+        ValueError: at construction, for no policy or several, an invalid value or ``group_by``.
+    """
+
+    num_tensors: Optional[int] = None
+    top_fraction: Optional[float] = None
+    param_budget: Optional[Union[int, float]] = None
+    max_kappa: Optional[float] = None
+    group_by: GroupBy = None
+
+    def __post_init__(self) -> None:
+        _check_one(self, "")
+        _validate_value(self.name, self.value)
+        if self.group_by is not None:
+            _group_key(self.group_by)
+
+    @classmethod
+    def build(cls, alternative: str = "", **options: Any) -> "SelectionPolicy":
+        """Like the constructor, ``alternative`` naming another way to choose in the error message.
+
+        Args:
+            alternative (str): e.g. ``"names= (an explicit list of parameter names)"`` (default ``""``).
+            **options: the constructor's arguments; ``None`` values count as not given.
+        """
+        unknown = sorted(set(options) - {*_POLICY_NAMES, "group_by"})
+        if unknown:
+            raise TypeError(f"unknown selection option(s): {', '.join(unknown)}")
+        _check_one(options, alternative)
+        return cls(**options)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Optional["SelectionPolicy"]:
+        """The policy named in a mapping of options (other keys ignored), or ``None`` if it names none."""
+        kw = {k: options.get(k) for k in (*_POLICY_NAMES, "group_by")}
+        if all(kw[k] is None for k in _POLICY_NAMES):
+            return None
+        return cls(**kw)
+
+    @property
+    def name(self) -> str:
+        """The policy given: ``"num_tensors"``, ``"top_fraction"``, ``"param_budget"`` or ``"max_kappa"``."""
+        return next(k for k in _POLICY_NAMES if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> Any:
+        """Its value."""
+        return getattr(self, self.name)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{policy: value, "group_by": ...}`` (a callable ``group_by`` is recorded by its name)."""
+        gb = self.group_by
+        return {self.name: self.value, "group_by": gb if gb is None or isinstance(gb, str) else repr(gb)}
+
+    def apply(self, table: "KappaTable", names: Optional[NameFilter] = None) -> List[str]:
+        """The names this policy selects from ``table`` (candidates passing ``names``), lowest κ first.
+
+        Raises:
+            ValueError: when nothing is selectable, saying why.
+        """
+        policy, value, group_by = self.name, self.value, self.group_by
+        names = names if names is not None else NameFilter()
+        cands = [e for e in table if names(e.name)]
         if not cands:
             raise ValueError(
-                f"nothing selectable: none of the {len(self)} tensors in the κ table passes "
-                f"include={include!r} / exclude={exclude!r}"
-                + ("" if len(self) else "; the scan analysed no tensor (check the scan filters, e.g. max_dim)")
+                f"nothing selectable: none of the {len(table)} tensors in the κ table passes "
+                f"include={names.include!r} / exclude={names.exclude!r}"
+                + ("" if len(table) else "; the scan analysed no tensor (check the scan filters, e.g. max_dim)")
             )
         if group_by is None:
-            groups = {None: cands}
+            groups: Dict[Any, List[KappaEntry]] = {None: cands}
         else:
             keyf = _group_key(group_by)
             groups = {}
@@ -251,39 +449,6 @@ class KappaTable(Sequence[KappaEntry]):
                              f"eligible tensor{where} (smallest: {smallest.name!r}, {smallest.numel:,} params)")
         chosen.sort(key=_sort_key)
         return [e.name for e in chosen]
-
-
-def _validate_policy(policy: str, value: Any) -> None:
-    if policy == "num_tensors":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"num_tensors must be an int >= 1, got {value!r}")
-    elif policy == "top_fraction":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {value!r}")
-    elif policy == "param_budget":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-            raise ValueError(f"param_budget must be a float fraction in (0, 1] or an int parameter count >= 1, "
-                             f"got {value!r}")
-        if isinstance(value, float) and value > 1 and not value.is_integer():
-            raise ValueError(f"param_budget > 1 is a parameter count and must be whole, got {value!r}")
-    elif policy == "max_kappa":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
-            raise ValueError(f"max_kappa must be a number > 0, got {value!r}")
-
-
-def compile_patterns(patterns: Union[None, str, Sequence[str]], arg: str) -> List["re.Pattern[str]"]:
-    """``include=``/``exclude=`` regexes (one string or a sequence), compiled; ``arg`` names them in errors."""
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{arg}: invalid regular expression {p!r}: {e}") from None
-    return out
 
 
 def _group_key(group_by: GroupBy) -> Callable[[str], Any]:

@@ -85,12 +85,12 @@ def _train(model, opt, rank, steps=STEPS):
 
 
 def _snapshot(module):
-    from kappatune.optimizer import _clean_name
+    from kappatune.refs import clean_name
 
     out = {}
     for n, p in module.named_parameters():
         t = p.full_tensor() if hasattr(p, "full_tensor") else p      # FSDP2: DTensor -> whole tensor
-        out[_clean_name(n)] = t.detach().clone()
+        out[clean_name(n)] = t.detach().clone()
     return out
 
 
@@ -107,7 +107,7 @@ def _ddp_part(rank, cache_dir, res):
 
     # A: the optimizer is built on the bare model (it scans, sharded over the ranks), then DDP wraps it.
     model = TinyLM()
-    opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, num_tensors=N_SEL, cache_dir=cache_dir,
+    opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, num_tensors=N_SEL, cache=cache_dir,
                                        progress=False, **OPT_KW)
     _train(DDP(model), opt, rank)
     res["opt_then_wrap"] = {"selected": opt.selected, "weights": _snapshot(model)}
@@ -118,7 +118,7 @@ def _ddp_part(rank, cache_dir, res):
     names = table.select(num_tensors=N_SEL)
     kappatune.freeze_all_but(model, names)
     ddp = DDP(model)
-    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, names=names, table=table, cache_dir=None,
+    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, names=names, table=table, cache=None,
                                        progress=False, **OPT_KW)
     _train(ddp, opt, rank)
     res["freeze_wrap_names"] = {"names": names, "selected": opt.selected, "weights": _snapshot(model)}
@@ -129,7 +129,7 @@ def _ddp_part(rank, cache_dir, res):
     by_name = dict(model.named_parameters())
     res["wrap_first_check"] = _attempt(lambda: check_ddp_selection(ddp, [by_name[n] for n in names]))[1]
     _, err = _attempt(lambda: kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, names=names, table=table,
-                                                           cache_dir=None, progress=False, **OPT_KW))
+                                                           cache=None, progress=False, **OPT_KW))
     res["wrap_first_opt"] = err
     res["wrap_first_still_trainable"] = all(p.requires_grad for p in model.parameters())
 
@@ -143,7 +143,7 @@ def _ddp_part(rank, cache_dir, res):
     # D: DDP(find_unused_parameters=True) copes with freezing after wrapping.
     model = TinyLM()
     ddp = DDP(model, find_unused_parameters=True)
-    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, num_tensors=N_SEL, cache_dir=cache_dir,
+    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, num_tensors=N_SEL, cache=cache_dir,
                                        progress=False, **OPT_KW)
     _train(ddp, opt, rank)
     res["wrap_unused"] = {"selected": opt.selected, "weights": _snapshot(model)}
@@ -151,7 +151,7 @@ def _ddp_part(rank, cache_dir, res):
     # D': so does DDP(static_graph=True) (it learns in the first iteration which tensors get no gradient).
     model = TinyLM()
     ddp = DDP(model, static_graph=True)
-    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, names=names, table=table, cache_dir=None,
+    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, names=names, table=table, cache=None,
                                        progress=False, **OPT_KW)
     _train(ddp, opt, rank)
     res["wrap_static"] = {"selected": opt.selected, "weights": _snapshot(model)}
@@ -166,7 +166,7 @@ def _ddp_part(rank, cache_dir, res):
         lambda: check_same_selection(names if rank == 0 else names[::-1], ordered=False))[1]
     res["same_check"] = _attempt(lambda: check_same_selection(names))[1]
     _, err = _attempt(lambda: kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, table=mine,
-                                                           num_tensors=N_SEL, cache_dir=None, progress=False,
+                                                           num_tensors=N_SEL, cache=None, progress=False,
                                                            **OPT_KW))
     res["mismatch_opt"] = err
     res["mismatch_still_trainable"] = all(p.requires_grad for p in model.parameters())
@@ -190,20 +190,20 @@ def _fsdp_part(rank, cache_dir, res):
     res["fsdp1_scan_check"] = _attempt(lambda: check_wrapped_model(fsdp, scanning=True))[1]
     res["fsdp1_table_check"] = _attempt(lambda: check_wrapped_model(fsdp, scanning=False))[1]
     opt, err = _attempt(lambda: kappatune.KappaTuneOptimizer(fsdp, torch.optim.AdamW, names=names, table=table,
-                                                             cache_dir=None, progress=False, **OPT_KW))
+                                                             cache=None, progress=False, **OPT_KW))
     res["fsdp1_opt_error"] = err
     if opt is not None:
         _train(fsdp, opt, rank)
         with FSDP.summon_full_params(fsdp, writeback=False):
             res["fsdp1"] = {"names": names, "selected": opt.selected, "weights": _snapshot(fsdp)}
     res["fsdp1_scan_opt"] = _attempt(lambda: kappatune.KappaTuneOptimizer(
-        fsdp, torch.optim.AdamW, num_tensors=N_SEL, cache_dir=None, progress=False, **OPT_KW))[1]
+        fsdp, torch.optim.AdamW, num_tensors=N_SEL, cache=None, progress=False, **OPT_KW))[1]
 
     # FSDP1, use_orig_params=False: flat parameters, no per-tensor selection possible.
     flat = FSDP(TinyLM(), use_orig_params=False, device_id=torch.device("cpu"))
     res["flat_check"] = _attempt(lambda: check_wrapped_model(flat, scanning=False))[1]
     res["flat_opt"] = _attempt(lambda: kappatune.KappaTuneOptimizer(
-        flat, torch.optim.AdamW, names=names, table=table, cache_dir=None, progress=False, **OPT_KW))[1]
+        flat, torch.optim.AdamW, names=names, table=table, cache=None, progress=False, **OPT_KW))[1]
 
     # FSDP2 (fully_shard on a CPU device mesh): same recommended flow.
     model = TinyLM()
@@ -216,7 +216,7 @@ def _fsdp_part(rank, cache_dir, res):
     res["fsdp2_table_check"] = _attempt(lambda: check_wrapped_model(model, scanning=False))[1]
     # DTensor parameters keep the whole shape: a table with a selection policy works too (not only names=)
     opt, err = _attempt(lambda: kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, table=table,
-                                                             num_tensors=N_SEL, cache_dir=None, progress=False,
+                                                             num_tensors=N_SEL, cache=None, progress=False,
                                                              **OPT_KW))
     res["fsdp2_opt_error"] = err
     if opt is not None:
@@ -230,7 +230,7 @@ def _fsdp_part(rank, cache_dir, res):
 
     if "check_wrapped_model" in inspect.getsource(optimizer_module):
         res["fsdp2_scan_opt"] = _attempt(lambda: kappatune.KappaTuneOptimizer(
-            model, torch.optim.AdamW, num_tensors=N_SEL, cache_dir=None, progress=False, **OPT_KW))[1]
+            model, torch.optim.AdamW, num_tensors=N_SEL, cache=None, progress=False, **OPT_KW))[1]
     else:
         res["fsdp2_scan_opt"] = "not attempted: kappatune/optimizer.py does not call check_wrapped_model"
 

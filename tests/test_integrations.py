@@ -64,7 +64,7 @@ def test_trainer_optimizers_route_trains_selection_and_resumes_bit_for_bit(tmp_p
     model = make_tiny_llama(seed=0)
     before = _snapshot(model)
     opt = KappaTuneOptimizer(model, torch.optim.AdamW, top_fraction=0.25, lr=1e-2, weight_decay=0.1,
-                             cache_dir=None, progress=False)
+                             cache=None, progress=False)
     tr = _trainer(model, tmp_path / "run", optimizers=(opt, None))
     tr.train()
     assert _trained_opt(tr) is opt
@@ -76,7 +76,7 @@ def test_trainer_optimizers_route_trains_selection_and_resumes_bit_for_bit(tmp_p
     # resume from step 2 with an optimizer built for *other* tensors: the checkpoint's selection wins
     resumed = make_tiny_llama(seed=0)
     other = [n for n, p in resumed.named_parameters() if p.ndim == 2 and n not in opt.selected][:1]
-    opt2 = KappaTuneOptimizer(resumed, torch.optim.AdamW, names=other, lr=1e-2, weight_decay=0.1, cache_dir=None)
+    opt2 = KappaTuneOptimizer(resumed, torch.optim.AdamW, names=other, lr=1e-2, weight_decay=0.1, cache=None)
     tr2 = _trainer(resumed, tmp_path / "resumed", optimizers=(opt2, None))
     tr2.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert opt2.selected == opt.selected
@@ -90,7 +90,7 @@ def test_trainer_optimizer_cls_and_kwargs_with_model(tmp_path, _fresh_accelerate
     model = make_tiny_llama(seed=1)
     before = _snapshot(model)
     kwargs = {"model": model, "optimizer": torch.optim.AdamW, "num_tensors": 3, "lr": 1e-2,
-              "weight_decay": 0.1, "cache_dir": None, "progress": False}
+              "weight_decay": 0.1, "cache": None, "progress": False}
     tr = _trainer(model, tmp_path / "run", max_steps=2, optimizer_cls_and_kwargs=(KappaTuneOptimizer, kwargs))
     tr.train()
     opt = _trained_opt(tr)
@@ -105,8 +105,8 @@ def test_trainer_factory_route_selects_before_wrapping(tmp_path, _fresh_accelera
     model = make_tiny_llama(seed=2)
     before = _snapshot(model)
     with pytest.raises(ValueError, match="Invalid weight_decay value"):  # bad kwargs fail now, not in train()
-        optimizer_cls_and_kwargs(model, torch.optim.AdamW, num_tensors=3, weight_decay=-1.0, cache_dir=None)
-    cls, kwargs = optimizer_cls_and_kwargs(model, torch.optim.AdamW, param_budget=0.2, lr=1e-2, cache_dir=None,
+        optimizer_cls_and_kwargs(model, torch.optim.AdamW, num_tensors=3, weight_decay=-1.0, cache=None)
+    cls, kwargs = optimizer_cls_and_kwargs(model, torch.optim.AdamW, param_budget=0.2, lr=1e-2, cache=None,
                                            progress=False)
     assert cls is KappaTuneOptimizerFactory
     selected = kwargs["names"]
@@ -114,7 +114,7 @@ def test_trainer_factory_route_selects_before_wrapping(tmp_path, _fresh_accelera
     tr = _trainer(model, tmp_path / "run", optimizer_cls_and_kwargs=(cls, kwargs))
     tr.train()
     opt = _trained_opt(tr)
-    assert opt.selected == selected and opt.kappas.names == kappatune.scan(before, cache=False, progress=False).names
+    assert opt.selected == selected and opt.table.names == kappatune.scan(before, cache=False, progress=False).names
     _check_only_selected_changed(model, before, selected)
     sd = torch.load(tmp_path / "run" / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert sd["kappatune"]["groups"] == [selected]
@@ -129,7 +129,7 @@ def test_accelerate_prepare_accumulation_bf16_matches_the_bare_optimizer(_fresh_
     data = torch.randint(0, VOCAB, (16, SEQ), generator=torch.Generator().manual_seed(0))
     model, ref = make_tiny_llama(seed=3), make_tiny_llama(seed=3)
     before = _snapshot(model)
-    opt = KappaTuneOptimizer(model, torch.optim.AdamW, num_tensors=4, lr=1e-2, weight_decay=0.1, cache_dir=None,
+    opt = KappaTuneOptimizer(model, torch.optim.AdamW, num_tensors=4, lr=1e-2, weight_decay=0.1, cache=None,
                              progress=False)
     kappatune.freeze_all_but(ref, opt.selected)
     named = dict(ref.named_parameters())
@@ -168,7 +168,7 @@ def test_torch_compile_keeps_selection_and_stepping(monkeypatch, tmp_path):
     model = nn.Sequential(nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False), nn.Linear(32, 8, bias=False))
     compiled = torch.compile(model)
     before = _snapshot(model)
-    opt = KappaTuneOptimizer(compiled, torch.optim.AdamW, num_tensors=1, lr=1e-2, weight_decay=0.1, cache_dir=None,
+    opt = KappaTuneOptimizer(compiled, torch.optim.AdamW, num_tensors=1, lr=1e-2, weight_decay=0.1, cache=None,
                              progress=False)
     assert opt.selected[0] in {"0.weight", "1.weight", "2.weight"}
     x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))

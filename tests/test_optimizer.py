@@ -36,7 +36,7 @@ def _snapshot(model):
 
 
 def _opt(model, **kw):
-    kw.setdefault("cache_dir", None)
+    kw.setdefault("cache", None)
     kw.setdefault("progress", False)
     return KappaTuneOptimizer(model, **kw)
 
@@ -91,8 +91,8 @@ def test_selection_is_lowest_kappa_first_and_only_it_trains(tiny_llama):
     table = kappatune.scan(tiny_llama, cache=False, progress=False)
     opt = _opt(tiny_llama, top_fraction=0.25, lr=1e-3)
     assert opt.selected == table.select(top_fraction=0.25)
-    ks = [opt.kappas[n].kappa for n in opt.selected]
-    assert ks == sorted(ks) and len(opt.kappas) == len(table)
+    ks = [opt.table[n].kappa for n in opt.selected]
+    assert ks == sorted(ks) and len(opt.table) == len(table)
     trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
     assert trainable == set(opt.selected)
     s = opt.summary()
@@ -193,11 +193,11 @@ def test_resume_from_state_dict_is_bit_for_bit(tmp_path):
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
 
     full = make_tiny_llama(seed=4)
-    opt, sched = make(full, param_budget=0.2, cache_dir=cache)
+    opt, sched = make(full, param_budget=0.2, cache=cache)
     _train(full, opt, batches, sched)
 
     part = make_tiny_llama(seed=4)
-    opt_a, sched_a = make(part, param_budget=0.2, cache_dir=cache)
+    opt_a, sched_a = make(part, param_budget=0.2, cache=cache)
     _train(part, opt_a, batches[:3], sched_a)
     ckpt = _roundtrip({"model": part.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
     rec = ckpt["opt"][STATE_KEY]
@@ -216,7 +216,7 @@ def test_resume_from_state_dict_is_bit_for_bit(tmp_path):
     m2 = make_tiny_llama(seed=99)
     m2.load_state_dict(ckpt["model"])
     others = [n for n, p in m2.named_parameters() if p.ndim == 2 and n not in opt_a.selected][:2]
-    o2, s2 = make(m2, names=others, cache_dir=None)
+    o2, s2 = make(m2, names=others, cache=None)
     o2.load_state_dict(_roundtrip(ckpt["opt"]))
     s2.load_state_dict(ckpt["sched"])
     assert {n for n, p in m2.named_parameters() if p.requires_grad} == set(opt_a.selected)
@@ -396,11 +396,11 @@ def test_names_need_no_scan_and_take_kappa_from_the_cache(tiny_llama, monkeypatc
         raise AssertionError("names= must not scan")
 
     monkeypatch.setattr(sys.modules["kappatune.scan"], "scan", no_scan)
-    cached = _opt(tiny_llama, names=names, cache_dir=tmp_path)
+    cached = _opt(tiny_llama, names=names, cache=tmp_path)
     assert cached.selected == [table.names[0], table.names[3]]  # lowest κ first
-    assert [cached.kappas[n].kappa for n in cached.selected] == [table[n].kappa for n in cached.selected]
-    bare = _opt(tiny_llama, names=names, cache_dir=None)
-    assert bare.selected == names and all(math.isnan(bare.kappas[n].kappa) for n in names)
+    assert [cached.table[n].kappa for n in cached.selected] == [table[n].kappa for n in cached.selected]
+    bare = _opt(tiny_llama, names=names, cache=None)
+    assert bare.selected == names and all(math.isnan(bare.table[n].kappa) for n in names)
     with pytest.raises(ValueError, match=r"not parameters of LlamaForCausalLM: \['model.layers.0.self_attn.q.weight'\] "
                                          r"\(did you mean 'model.layers.0.self_attn.q_proj.weight'\?\)"):
         _opt(tiny_llama, names=["model.layers.0.self_attn.q.weight"])

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from ..optimizer import KappaTuneOptimizer, OptimizerFactory, unwrap_model
+from ..scan import CacheArg
+from ..selection import KappaTable, Patterns, SelectionPolicy
 
 __all__ = ["optimizer_cls_and_kwargs", "KappaTuneOptimizerFactory"]
 
@@ -61,19 +63,23 @@ def optimizer_cls_and_kwargs(
     group_by: Union[None, str, Callable[[str], Any]] = None,
     min_ndim: int = 2,
     max_dim: Optional[int] = None,
-    include: Union[None, str, Sequence[str]] = None,
-    exclude: Union[None, str, Sequence[str]] = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
     aggregate: str = "mean",
-    table=None,
-    cache_dir: Any = True,
+    table: Optional[KappaTable] = None,
+    cache: CacheArg = True,
     recompute: bool = False,
-    progress: bool = True,
+    progress: Optional[bool] = None,
+    policy: Optional[SelectionPolicy] = None,
+    skip_frozen: bool = False,
     **optimizer_kwargs: Any,
 ) -> Tuple[type, Dict[str, Any]]:
     """Select (scan + policy) and freeze now; return ``(factory, kwargs)`` for ``optimizer_cls_and_kwargs``.
 
-    Same arguments as :class:`~kappatune.KappaTuneOptimizer`. Invalid optimizer kwargs fail
-    here (a throw-away optimizer is built to check them), not in the middle of ``train()``.
+    Same arguments as :class:`~kappatune.KappaTuneOptimizer` (the selection is resolved by
+    :func:`kappatune.resolve.resolve_selection`, as there). Invalid optimizer kwargs fail here (a
+    throw-away optimizer is built over the selected tensors to check them, as the Trainer's will be),
+    not in the middle of ``train()``.
 
     Example::
 
@@ -86,7 +92,8 @@ def optimizer_cls_and_kwargs(
         unwrap_model(model), optimizer, num_tensors=num_tensors, top_fraction=top_fraction,
         param_budget=param_budget, max_kappa=max_kappa, names=names, group_by=group_by, min_ndim=min_ndim,
         max_dim=max_dim, include=include, exclude=exclude, aggregate=aggregate, table=table,
-        cache_dir=cache_dir, recompute=recompute, progress=progress, **optimizer_kwargs)
-    kwargs: Dict[str, Any] = {"optimizer": optimizer, "names": probe.selected, "table": probe.kappas,
-                              "aggregate": aggregate, "cache_dir": None, "progress": False, **optimizer_kwargs}
+        cache=cache, recompute=recompute, progress=progress, policy=policy, skip_frozen=skip_frozen,
+        **optimizer_kwargs)
+    kwargs: Dict[str, Any] = {"optimizer": optimizer, "names": probe.selected, "table": probe.table,
+                              "aggregate": aggregate, "cache": None, "progress": False, **optimizer_kwargs}
     return KappaTuneOptimizerFactory, kwargs

@@ -1,0 +1,213 @@
+"""What to train: a pure function from a model (or a κ table) and a policy to a :class:`Selection`.
+
+:func:`resolve_selection` is the one place where "which tensors" is decided, for the
+:class:`~kappatune.optimizer.KappaTuneOptimizer`, the Hugging Face ``Trainer`` factory and the
+command line. It scans (through the cache) or takes a given table, applies the
+:class:`~kappatune.selection.SelectionPolicy` and the :class:`~kappatune.selection.NameFilter`, or
+resolves an explicit list of names, and changes nothing: freezing and building an optimizer are the
+caller's business.
+
+Example::
+
+    >>> sel = resolve_selection(model, SelectionPolicy(param_budget=0.05), max_dim=16384)
+    >>> sel.names[:3], sel.kappas[sel.names[0]]
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from torch import nn
+
+from .refs import clean_name, dtype_name, matrix_dims
+from .scan import CacheArg, aggregate_kappa, lookup, model_refs, resolve_cache, scan
+from .selection import KappaEntry, KappaTable, NameFilter, Patterns, SelectionPolicy, kappa_sort_key
+
+__all__ = ["Selection", "resolve_selection", "named_parameters"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tensors chosen to train.
+
+    Attributes:
+        names (List[str]): parameter names, lowest κ first (ties keep the given order).
+        kappas (Dict[str, float]): κ of each name (NaN where unknown, e.g. an explicit name
+            that is in neither the table nor the cache).
+        table (KappaTable): the table behind the choice (the whole scan, or the entries of the
+            explicit names).
+        policy (Optional[SelectionPolicy]): the policy applied (``None`` for explicit names).
+    """
+
+    names: List[str]
+    kappas: Dict[str, float]
+    table: KappaTable
+    policy: Optional[SelectionPolicy] = None
+    skipped: Dict[str, str] = field(default_factory=dict)
+
+
+def named_parameters(module: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every name of every parameter of ``module`` (tied aliases too, and each name without the
+    components wrappers insert, see :func:`kappatune.refs.clean_name`) → the parameter."""
+    out: Dict[str, nn.Parameter] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        out.setdefault(n, p)
+        out.setdefault(clean_name(n), p)
+    return out
+
+
+def _check_table(table: KappaTable, module: nn.Module, *, min_ndim: int, max_dim: Optional[int],
+                 compare_shapes: bool) -> KappaTable:
+    """``table`` restricted by the scan filters, after checking it describes ``module``."""
+    from .quant import is_quantized_param
+
+    by_name = named_parameters(module)
+    unknown = [e.name for e in table if e.name not in by_name]
+    if unknown:
+        raise ValueError(f"table= holds {len(unknown)} tensor(s) that are not parameters of "
+                         f"{type(module).__name__}, e.g. {unknown[:3]}; it was computed for another model "
+                         "(scan this model, or pass names=)")
+    wrong = [(e.name, e.shape, tuple(by_name[e.name].shape)) for e in table
+             if compare_shapes and tuple(e.shape) != tuple(by_name[e.name].shape)
+             and not is_quantized_param(by_name[e.name])]
+    if wrong:
+        n, ts, ms = wrong[0]
+        raise ValueError(f"table= does not match the model: {n!r} has shape {ts} in the table but {ms} in "
+                         f"{type(module).__name__} ({len(wrong)} mismatch(es)); scan this model")
+    keep, skipped = [], dict(table.skipped)
+    for e in table:
+        if len(e.shape) < max(min_ndim, 2):
+            skipped[e.name] = f"ndim<{max(min_ndim, 2)}"
+        elif max_dim is not None and max(matrix_dims(tuple(e.shape), e.layout)) > max_dim:
+            skipped[e.name] = "max_dim"
+        else:
+            keep.append(e)
+    return table if len(keep) == len(table) else KappaTable(keep, skipped)
+
+
+def _explicit(module: nn.Module, names: Sequence[str], table: Optional[KappaTable], cache: CacheArg,
+              aggregate: str) -> Selection:
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError("names must be a list of parameter names (strings)")
+    names = list(names)
+    if not names:
+        raise ValueError("names= is empty: give at least one parameter name to train")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"names= lists {dup[:3]} more than once")
+    by_name = named_parameters(module)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        hint = difflib.get_close_matches(missing[0], list(by_name), n=1)
+        raise ValueError(f"{len(missing)} name(s) in names= are not parameters of "
+                         f"{type(module).__name__}: {missing[:5]}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    seen: Dict[int, str] = {}
+    for n in names:
+        other = seen.setdefault(id(by_name[n]), n)
+        if other != n:
+            raise ValueError(f"names= lists the tied parameter twice, as {other!r} and {n!r}")
+    if table is not None:
+        kappa = {n: table[n].kappa for n in names if n in table}
+    else:
+        kappa = _cached_kappas(module, names, cache, aggregate)
+    entries = []
+    for n in names:
+        p = by_name[n]
+        base = table[n] if table is not None and n in table else None
+        entries.append(base or KappaEntry(name=n, kappa=kappa.get(n, math.nan), shape=tuple(p.shape),
+                                          numel=p.numel(), dtype=dtype_name(p.dtype)))
+    order = sorted(range(len(names)), key=lambda i: (kappa_sort_key(kappa.get(names[i], math.nan)), i))
+    selected = [names[i] for i in order]
+    return Selection(selected, {n: float(kappa.get(n, math.nan)) for n in selected},
+                     table if table is not None else KappaTable(entries))
+
+
+def _cached_kappas(module: nn.Module, names: Sequence[str], cache: CacheArg, aggregate: str) -> Dict[str, float]:
+    """κ of ``names`` found in the cache (no computation; missing ones are left out)."""
+    store = resolve_cache(cache)
+    if store is None:
+        return {}
+    wanted = set(names)
+    refs = [r for r in model_refs(module)
+            if clean_name(r.name) in wanted and len(r.shape) >= 2 and r.floating]
+    out: Dict[str, float] = {}
+    for ref in refs:
+        try:
+            (hit,) = list(lookup([ref], store))
+        except (ValueError, RuntimeError, OSError) as e:  # e.g. a meta tensor: no κ, not an error here
+            logger.debug("no cached κ for %s: %s", ref.name, e)
+            continue
+        if hit.cached is not None:
+            out[clean_name(ref.name)] = aggregate_kappa(hit.cached, aggregate)
+    return out
+
+
+def resolve_selection(
+    model: Optional[nn.Module],
+    policy: Optional[SelectionPolicy] = None,
+    *,
+    names: Optional[Sequence[str]] = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    table: Optional[KappaTable] = None,
+    min_ndim: int = 2,
+    max_dim: Optional[int] = None,
+    aggregate: str = "mean",
+    cache: CacheArg = True,
+    recompute: bool = False,
+    progress: Optional[bool] = None,
+    compare_shapes: bool = True,
+) -> Selection:
+    """Which tensors to train, without changing anything.
+
+    Exactly one of ``policy`` and ``names`` is given. With a policy, the candidates are the
+    tensors of ``table`` (checked against ``model`` and restricted by ``min_ndim``/``max_dim``) or,
+    without a table, of a :func:`~kappatune.scan.scan` of ``model``; ``include``/``exclude``
+    restrict them in both cases.
+
+    Args:
+        model (Optional[nn.Module]): the (unwrapped) model; may be ``None`` only with ``table``
+            and a policy (the command line, which has a checkpoint's table and no model).
+        policy (Optional[SelectionPolicy]): the κ policy (default ``None``).
+        names (Optional[Sequence[str]]): an explicit list of parameter names instead (default
+            ``None``); κ is taken from ``table`` or, without one, from the cache (no computation).
+        include / exclude (None, str or sequence of str): name regexes (default ``None``).
+        table (Optional[KappaTable]): a precomputed table of this model (default ``None``: scan).
+        min_ndim / max_dim / aggregate / cache / recompute / progress: as :func:`kappatune.scan`.
+        compare_shapes (bool): check the table's shapes against the model's (default ``True``;
+            ``False`` where each rank holds flat shards, as FSDP1 does).
+
+    Raises:
+        ValueError: neither or both of ``policy`` and ``names``, a table of another model, names
+            that are not parameters, or nothing selectable.
+    """
+    if table is not None and not isinstance(table, KappaTable):
+        raise TypeError(f"table must be a KappaTable (from kappatune.scan), got {type(table).__name__}")
+    if names is not None:
+        if policy is not None:
+            raise ValueError(f"names= is an explicit selection: do not combine it with a selection policy "
+                             f"(got {policy.name})")
+        if model is None:
+            raise ValueError("names= needs the model, to check the names")
+        return _explicit(model, names, table, cache, aggregate)
+    if policy is None:
+        raise ValueError("give a selection policy (a SelectionPolicy) or names=")
+    if not isinstance(policy, SelectionPolicy):
+        raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
+    filt = NameFilter(include, exclude)
+    if table is None:
+        if model is None:
+            raise ValueError("resolve_selection needs a model to scan, or table=")
+        table = scan(model, min_ndim=min_ndim, max_dim=max_dim, include=include, exclude=exclude, cache=cache,
+                     recompute=recompute, aggregate=aggregate, progress=progress)
+    elif model is not None:
+        table = _check_table(table, model, min_ndim=min_ndim, max_dim=max_dim, compare_shapes=compare_shapes)
+    chosen = policy.apply(table, filt)
+    return Selection(chosen, {n: table[n].kappa for n in chosen}, table, policy, dict(table.skipped))
