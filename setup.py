@@ -10,7 +10,7 @@ version = next(
 )
 
 extras = {
-    "fast": ["xxhash>=3"],
+    "fast": ["xxhash>=3"],  # kept for old install commands; xxhash is now a core dependency
     "hf": ["transformers>=4.45", "datasets>=2.19", "accelerate>=0.30", "safetensors>=0.4"],
     "plot": ["matplotlib>=3.7"],
     "peft": ["peft>=0.13"],
@@ -34,7 +34,7 @@ setup(
     packages=find_packages(include=["kappatune", "kappatune.*"]),
     package_data={"kappatune": ["py.typed"]},  # PEP 561: the package ships its type hints
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy>=1.22"],
+    install_requires=["torch>=2.1", "numpy>=1.22", "xxhash>=3"],  # xxhash: the κ cache digest (kappatune.cache)
     extras_require=extras,
     entry_points={"console_scripts": ["kappatune=kappatune.cli:main"]},
     classifiers=[
