@@ -48,6 +48,7 @@ import multiprocessing
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -55,6 +56,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import machine_info, write_results  # noqa: E402
 MAX_DIM = 16384
 FRACTIONS = (0.05, 0.10, 0.25)
 LR, WD = 1e-5, 0.01
@@ -71,6 +74,16 @@ def build_model(layers: int, seed: int = 0):
     return transformers.LlamaForCausalLM(cfg).float()
 
 
+def _no_cache() -> Dict[str, Any]:
+    """``cache=None`` for the optimizer (older versions spelled it ``cache_dir=``)."""
+    import inspect
+
+    import kappatune
+
+    params = inspect.signature(kappatune.KappaTuneOptimizer.__init__).parameters
+    return {"cache": None} if "cache" in params else {"cache_dir": None}
+
+
 def make_optimizer(model, cfg: Dict[str, Any], table) -> torch.optim.Optimizer:
     import kappatune
 
@@ -81,7 +94,7 @@ def make_optimizer(model, cfg: Dict[str, Any], table) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     if kind == "kappa":
         policy = {"param_budget" if cfg.get("budget") else "top_fraction": frac}
-        return kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, table=table, cache_dir=None, progress=False,
+        return kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, table=table, progress=False, **_no_cache(),
                                             lr=LR, weight_decay=WD, **policy)
     names = table.select(top_fraction=frac)  # bare: the same tensors, plain AdamW
     kappatune.freeze_all_but(model, names)
@@ -202,7 +215,8 @@ def wrapper_fixed_cost(calls: int = 5000) -> Dict[str, float]:
     from torch import nn
 
     lin = nn.Linear(1, 1, bias=False)
-    opt = kappatune.KappaTuneOptimizer(lin, torch.optim.SGD, names=["weight"], cache_dir=None, progress=False, lr=0.0)
+    opt = kappatune.KappaTuneOptimizer(lin, torch.optim.SGD, names=["weight"], progress=False, lr=0.0,
+                                      **_no_cache())
     lin.weight.grad = torch.zeros_like(lin.weight)
     w, b = [], []
     for i in range(calls):
@@ -227,6 +241,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(ROOT / "cache"))
     ap.add_argument("--skip-memory", action="store_true", help="time only (no per-configuration processes)")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--no-save", action="store_true",
+                    help="do not write benchmarks/results/train_step/results.json and results.md")
+    ap.add_argument("--note", help="a caveat printed in results.md (e.g. other load on the machine)")
     args = ap.parse_args()
 
     import kappatune
@@ -265,12 +282,10 @@ def main() -> None:
                   f"{mem['opt_state_bytes'] / 2**20:.1f} MB", flush=True)
 
     full = results["full"]
-    print()
     cols = ["config", "tensors", "trained params", "step (s)", "vs full", "opt.step (s)"]
     if not args.skip_memory:
         cols += ["optimizer state (MB)", "state vs full", "peak memory above model (MB)", "vs full"]
-    print("| " + " | ".join(cols) + " |")
-    print("|---" * len(cols) + "|")
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for cfg in configs:
         r = results[cfg["name"]]
         row = [cfg["name"], str(r["tensors"]),
@@ -279,32 +294,50 @@ def main() -> None:
         if not args.skip_memory:
             row += [f"{r['opt_state_bytes'] / 2**20:.1f}", f"{r['opt_state_bytes'] / full['opt_state_bytes']:.4f}",
                     f"{r['peak_extra_mb']:.0f}", f"{r['peak_extra_mb'] / full['peak_extra_mb']:.2f}x"]
-        print("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join(row) + " |")
 
     k10, b10 = results["kappa 10%"], results["bare 10%"]
-    print()
-    print(f"goal: step time at 10% of tensors <= 0.75x full: {k10['step_s'] / full['step_s']:.2f}x")
+    lines.append("")
+    lines.append(f"- step time at 10% of tensors vs full fine-tuning (goal <= 0.75x): "
+                 f"{k10['step_s'] / full['step_s']:.2f}x")
     if not args.skip_memory:
-        print(f"goal: optimizer state proportional to the trained fraction: kappa 10% state/full = "
-              f"{k10['opt_state_bytes'] / full['opt_state_bytes']:.5f}, trained params/all = "
-              f"{k10['params_trained'] / full['params_trained']:.5f}")
+        lines.append(f"- optimizer state proportional to the trained fraction: kappa 10% state/full = "
+                     f"{k10['opt_state_bytes'] / full['opt_state_bytes']:.5f}, trained params/all = "
+                     f"{k10['params_trained'] / full['params_trained']:.5f}")
     paired = statistics.median(a / b for a, b in zip(k10["step_s_all"], b10["step_s_all"]))
     spread = max(b10["step_s_all"]) / min(b10["step_s_all"]) - 1
-    print(f"goal: wrapper overhead < 1%: training step kappa 10% vs bare 10% (same tensors, interleaved): "
-          f"{100 * (k10['step_s'] / b10['step_s'] - 1):+.2f}% (ratio of medians), {100 * (paired - 1):+.2f}% "
-          f"(median of per-round ratios); round-to-round spread of bare 10% alone: {100 * spread:.0f}%")
+    lines.append(f"- wrapper overhead (goal < 1%): training step kappa 10% vs bare 10% (same tensors, interleaved): "
+                 f"{100 * (k10['step_s'] / b10['step_s'] - 1):+.2f}% (ratio of medians), {100 * (paired - 1):+.2f}% "
+                 f"(median of per-round ratios); round-to-round spread of bare 10% alone: {100 * spread:.0f}%")
     d = k10["wrapper_step_s"] - k10["inner_step_s"]
-    print(f"      opt.step() vs opt.inner.step(), alternated {args.overhead_calls}x on the same gradients: "
-          f"{k10['wrapper_step_s'] * 1e3:.3f} ms vs {k10['inner_step_s'] * 1e3:.3f} ms ({d * 1e6:+.1f} µs, "
-          f"{100 * d / k10['step_s']:+.4f}% of the training step)")
+    lines.append(f"- `opt.step()` vs `opt.inner.step()`, alternated {args.overhead_calls}x on the same gradients: "
+                 f"{k10['wrapper_step_s'] * 1e3:.3f} ms vs {k10['inner_step_s'] * 1e3:.3f} ms ({d * 1e6:+.1f} µs, "
+                 f"{100 * d / k10['step_s']:+.4f}% of the training step)")
     fc = results["fixed_cost"]
     fixed = fc["wrapper_s"] - fc["inner_s"]
-    print(f"      the wrapper's fixed cost per step (one-element SGD, wrapper vs inner, 5000 alternated calls): "
-          f"{fixed * 1e6:+.2f} µs = {100 * fixed / k10['step_s']:+.5f}% of the kappa 10% training step")
+    lines.append(f"- the wrapper's fixed cost per step (one-element SGD, wrapper vs inner, 5000 alternated calls): "
+                 f"{fixed * 1e6:+.2f} µs = {100 * fixed / k10['step_s']:+.5f}% of the kappa 10% training step")
+    body = "\n".join(lines)
+    print()
+    print(body)
+    data = {"args": vars(args), "scan_s": scan_s, "n_params": n_params, "candidates": len(table), "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "scan_s": scan_s, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps(data, indent=1))
         print(f"wrote {args.json}")
-
+    if not args.no_save:
+        setup = (f"`LlamaForCausalLM` built from a config at TinyLlama-1.1B layer shapes (hidden 2048, intermediate "
+                 f"5632, 32 heads, 4 kv heads, vocab 32000, untied embeddings), {args.layers} layers, "
+                 f"{n_params / 1e6:.1f}M float32 parameters, random init; {len(table)} candidate matrices "
+                 f"(`max_dim={MAX_DIM}` leaves out the embedding and lm_head). One training step = forward + backward "
+                 f"+ `opt.step()` + `zero_grad` on {args.batch} x {args.seq_len} tokens, AdamW(lr={LR}, "
+                 f"weight_decay={WD}). Step times: medians over {args.steps} interleaved rounds in one process "
+                 f"(after {args.warmup} warm-up), each round stepping every configuration once in rotating order. "
+                 + ("" if args.skip_memory else "Memory: per configuration in a fresh process, peak resident memory "
+                    "above the memory after building the model and optimizer, over two steps.")
+                 )
+        folder = write_results("train_step", data, setup + "\n\n" + body, title="Cost of a training step",
+                               info=machine_info(args.threads), notes=args.note or "")
+        print(f"wrote {folder / 'results.json'} and results.md")
 
 if __name__ == "__main__":
     main()
