@@ -74,12 +74,12 @@ def main() -> None:
     held = offline.token_windows(tok, held_texts, args.seq_len, max_windows=args.held_out)
     to_ds = lambda w: datasets.Dataset.from_dict({"input_ids": w.tolist(), "labels": w.tolist()})  # noqa: E731
 
-    select = dict(top_fraction=args.top_fraction, max_dim=16384, cache_dir=args.cache_dir)
+    select = dict(top_fraction=args.top_fraction, max_dim=16384, cache=args.cache_dir)
     hyper = dict(lr=args.lr, weight_decay=0.01)
     if args.route == "optimizers":
         opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, **select, **hyper)
         trainer_opt = dict(optimizers=(opt, None))
-        selected, kappas = opt.selected, opt.kappas
+        selected, kappas = opt.selected, opt.table
     else:
         from kappatune.integrations.transformers import optimizer_cls_and_kwargs
 

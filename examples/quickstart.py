@@ -84,13 +84,13 @@ def main() -> None:
     # freeze the rest, AdamW over the selected tensors only. max_dim skips the 49152×576 embedding.
     opt = kappatune.KappaTuneOptimizer(
         model, torch.optim.AdamW, top_fraction=args.top_fraction, max_dim=16384,
-        cache_dir=args.cache_dir, lr=args.lr, weight_decay=args.weight_decay,
+        cache=args.cache_dir, lr=args.lr, weight_decay=args.weight_decay,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr / 10)
 
     print(f"\nselected {len(opt.selected)} tensors (lowest κ first):")
     for name in opt.selected:
-        e = opt.kappas[name]
+        e = opt.table[name]
         print(f"  κ={e.kappa:8.3f}  {name}  {'x'.join(map(str, e.shape))}")
     print(opt.summary())
 

@@ -44,7 +44,7 @@ from torch import nn
 from .cache import KappaCache
 from .distributed import check_ddp_selection, check_same_selection, check_wrapped_model, sharding_kind
 from .refs import clean_name
-from .resolve import Selection, named_parameters, resolve_selection
+from .resolve import named_parameters, resolve_selection
 from .scan import CacheArg
 from .selection import FreezeHandle, KappaEntry, KappaTable, Patterns, SelectionPolicy, freeze_all_but
 
@@ -666,12 +666,13 @@ def _validate_record(module: nn.Module, n_groups: int, rec: Any, sd: Mapping[str
         if p is None:
             problems.append(f"{n!r} is not a parameter of the model")
             continue
-        first = owner.setdefault(id(p), n)
-        if first is not n:
+        if id(p) in owner:
+            first = owner[id(p)]
             same = "is listed twice" if first == n else f"and {first!r} are the same (tied) tensor"
             raise ValueError(f"cannot load this optimizer state: its κ selection names one tensor more than once "
                              f"({n!r} {same}), so a step would update it twice; it was edited or corrupted. Load a "
                              "state dict written by state_dict(), or start a fresh KappaTuneOptimizer.")
+        owner[id(p)] = n
         _refuse_untrainable(n, p)
         if n in shapes and tuple(shapes[n]) != tuple(p.shape):
             problems.append(f"{n!r} has shape {tuple(shapes[n])} in the state dict but {tuple(p.shape)} in "

@@ -40,7 +40,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -48,8 +47,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..scan import CacheArg, Patterns, model_refs, scan_refs
-from ..selection import KappaEntry, KappaTable, compile_patterns
+from ..refs import matrix_dims
+from ..scan import CacheArg, model_refs, scan_refs
+from ..selection import Patterns
+from ..selection import KappaEntry, KappaTable, NameFilter, SelectionPolicy, kappa_sort_key
 
 __all__ = [
     "LoraTarget",
@@ -119,8 +120,7 @@ def _check_suffixes(moe_param_suffixes: Optional[Sequence[str]]) -> Tuple[str, .
 
 
 def _matrix_side(entry: KappaEntry) -> int:
-    shape = entry.shape
-    return max(shape[1:]) if len(shape) == 3 else max(shape[0], math.prod(shape[1:]))
+    return max(matrix_dims(entry.shape, entry.layout))
 
 
 def kappa_lora_targets(
@@ -159,11 +159,8 @@ def kappa_lora_targets(
     ):
         raise ValueError(f"max_dim_size_to_analyze must be None or an int >= 1, got {max_dim_size_to_analyze!r}")
     suffixes = _check_suffixes(moe_param_suffixes)
-    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
+    wanted = NameFilter(include, exclude)
     modules, params = _candidates(model, suffixes)
-
-    def wanted(target: str) -> bool:
-        return (not inc or any(r.search(target) for r in inc)) and not any(r.search(target) for r in exc)
 
     modules = [(m, p) for m, p in modules if wanted(m)]
     params = [p for p in params if wanted(p)]
@@ -172,7 +169,8 @@ def kappa_lora_targets(
     if table is None:
         refs = [r for r in model_refs(model) if r.name in needed]
         table = scan_refs(refs, max_dim=max_dim_size_to_analyze, cache=cache, recompute=recompute,
-                          aggregate=aggregate, progress=show_progress)
+                          aggregate=aggregate,
+                          progress=None if show_progress else False)  # tqdm's convention: on a terminal
     elif not isinstance(table, KappaTable):
         raise TypeError(f"table must be a KappaTable (from kappatune.scan), got {type(table).__name__}")
     else:
@@ -200,27 +198,33 @@ def kappa_lora_targets(
         e = entry(pname)
         if e is not None:
             out.append(LoraTarget(pname, "parameter", pname, e.kappa, e.numel, tuple(e.shape)))
-    out.sort(key=lambda t: (t.kappa if not math.isnan(t.kappa) else math.inf, t.name))
+    out.sort(key=lambda t: (kappa_sort_key(t.kappa), t.name))
     return out
 
 
 # -- PEFT-compatible selection --------------------------------------------------------------
+# PEFT's policy names → kappatune's (the rule and its checks live in SelectionPolicy).
+_PEFT_POLICIES = {"num_modules": "num_tensors", "threshold": "max_kappa", "param_budget": "param_budget"}
+
+
 def _validate(top_p: Optional[float], num_modules: Optional[int], threshold: Optional[float],
-              param_budget: Optional[Union[int, float]]) -> None:
-    given = [k for k, v in (("num_modules", num_modules), ("threshold", threshold),
-                            ("param_budget", param_budget)) if v is not None]
+              param_budget: Optional[Union[int, float]]) -> Optional[SelectionPolicy]:
+    """PEFT's arguments checked; the :class:`SelectionPolicy` of the one given (``None``: ``top_p``)."""
+    values = {"num_modules": num_modules, "threshold": threshold, "param_budget": param_budget}
+    given = [k for k, v in values.items() if v is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of num_modules, threshold, param_budget (top_p is then ignored); "
                          f"got {given}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (or None with another policy), got {top_p!r}")
-    if num_modules is not None and (isinstance(num_modules, bool) or not isinstance(num_modules, int)
-                                    or num_modules < 1):
-        raise ValueError(f"num_modules must be an int >= 1, got {num_modules!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or math.isnan(threshold) or threshold <= 0):
-        raise ValueError(f"threshold must be a number > 0 (a κ bound), got {threshold!r}")
+    if not given:
+        return None
+    ours = _PEFT_POLICIES[given[0]]
+    try:
+        return SelectionPolicy(**{ours: values[given[0]]})
+    except ValueError as e:  # say it with PEFT's name for the argument
+        raise ValueError(str(e).replace(ours, given[0])) from None
 
 
 def _pick(group: List[LoraTarget], top_p: Optional[float], num_modules: Optional[int],
@@ -237,13 +241,13 @@ def _pick(group: List[LoraTarget], top_p: Optional[float], num_modules: Optional
     return [t.name for t in group]
 
 
-def _budget_pick(targets: List[LoraTarget], param_budget: Union[int, float]) -> List[str]:
-    """``param_budget`` over modules and expert parameters together (:meth:`KappaTable.select`)."""
+def _budget_pick(targets: List[LoraTarget], policy: SelectionPolicy) -> List[str]:
+    """A ``param_budget`` policy over modules and expert parameters together."""
     if not targets:
         return []
     t = KappaTable([KappaEntry(name=x.name, kappa=x.kappa, shape=x.shape, numel=x.numel, dtype="")
                     for x in targets])
-    return t.select(param_budget=param_budget)
+    return policy.apply(t)
 
 
 def _collisions(names: Iterable[str], keys: Iterable[str]) -> Dict[str, List[str]]:
@@ -302,7 +306,7 @@ def find_kappa_target_modules(
     rank-deficient weight gets ``κ = inf``), ties are broken by name, κ values are cached on disk
     by content, and transformers' ``Conv1D`` layers (GPT-2) are candidates too.
     """
-    _validate(top_p, num_modules, threshold, param_budget)
+    policy = _validate(top_p, num_modules, threshold, param_budget)
     targets = kappa_lora_targets(
         model, max_dim_size_to_analyze=max_dim_size_to_analyze, moe_param_suffixes=moe_param_suffixes,
         show_progress=show_progress, table=table, cache=cache, recompute=recompute, include=include,
@@ -310,8 +314,8 @@ def find_kappa_target_modules(
     )
     mods = [t for t in targets if t.kind == "module"]
     prms = [t for t in targets if t.kind == "parameter"]
-    if param_budget is not None:
-        chosen = set(_budget_pick(targets, param_budget))
+    if policy is not None and policy.name == "param_budget":
+        chosen = set(_budget_pick(targets, policy))
         target_modules = [t.name for t in mods if t.name in chosen]
         target_parameters = [t.name for t in prms if t.name in chosen]
     else:
