@@ -197,19 +197,39 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         optimizer: a ``torch.optim.Optimizer`` subclass or any callable ``params -> Optimizer``
             (``functools.partial(torch.optim.SGD, momentum=0.9)``, a third-party optimizer
             class). It is called as ``optimizer(selected_params, **optimizer_kwargs)``.
-        num_tensors / top_fraction / param_budget / max_kappa: the selection policy; give exactly
-            one of them, or ``names`` (see :meth:`KappaTable.select`).
-        names: an explicit list of parameter names to train (no scan is needed; κ is recorded
-            from ``table`` or from the cache when available, else NaN).
-        group_by: apply the policy per ``"kind"`` (q_proj, up_proj, …), per ``"layer"``, or per
-            key of a callable ``name -> key``.
-        min_ndim, max_dim, include, exclude, aggregate: scan filters (see :func:`kappatune.scan`);
-            ``include``/``exclude`` also restrict the candidates of a given ``table``.
-        table: a precomputed :class:`KappaTable` of this model (skips the scan).
-        cache: ``True`` → the default κ cache; ``None``/``False`` → no cache; a path or a
-            :class:`KappaCache`. (``cache_dir=`` is its deprecated spelling.)
-        recompute: ignore cached κ values (fresh values are still written to the cache).
-        progress: a progress bar while scanning (``None``: only when stderr is a terminal).
+        num_tensors (Optional[int]): policy: the ``k`` lowest-κ tensors (default ``None``). Give
+            exactly one of ``num_tensors``, ``top_fraction``, ``param_budget``, ``max_kappa``,
+            ``policy`` or ``names`` (see :class:`~kappatune.selection.SelectionPolicy`).
+        top_fraction (Optional[float]): policy: the lowest-κ ``ceil(f · N)`` of the ``N``
+            candidates, ``0 < f <= 1`` (default ``None``).
+        param_budget (Optional[Union[int, float]]): policy: walking from the lowest κ up, every
+            tensor that still fits in the budget; a float ``0 < b <= 1`` is a fraction of the
+            candidates' parameters, an int a count (default ``None``).
+        max_kappa (Optional[float]): policy: every tensor with ``κ <= t`` (default ``None``).
+        names (Optional[Sequence[str]]): an explicit list of parameter names to train (default
+            ``None``; no scan is needed; κ is recorded from ``table`` or from the cache when
+            available, else NaN).
+        group_by (None, str or Callable[[str], Any]): apply the policy per ``"kind"`` (q_proj,
+            up_proj, …), per ``"layer"``, or per key of a callable ``name -> key`` (default
+            ``None``: over all candidates).
+        min_ndim (int): scan filter: skip tensors with fewer dimensions (default ``2``).
+        max_dim (Optional[int]): scan filter: skip tensors with a matrix side longer than this
+            (default ``None``: no limit).
+        include (None, str or sequence of str): regexes (``re.search`` on the name) a candidate
+            must match; they also restrict the candidates of a given ``table`` (default ``None``).
+        exclude (None, str or sequence of str): regexes that leave a candidate out (default
+            ``None``).
+        aggregate (str): ``"mean"`` or ``"max"`` over the matrices of a stacked 3-D parameter
+            (default ``"mean"``).
+        table (Optional[KappaTable]): a precomputed :class:`KappaTable` of this model (default
+            ``None``: scan).
+        cache (bool, None, str, PathLike or KappaCache): ``True`` → the default κ cache;
+            ``None``/``False`` → no cache; a path or a :class:`KappaCache` (default ``True``).
+            ``cache_dir=`` is its deprecated spelling.
+        recompute (bool): ignore cached κ values; fresh values are still written to the cache
+            (default ``False``).
+        progress (Optional[bool]): a progress bar while scanning (default ``None``: only when
+            stderr is a terminal).
         policy: a prepared :class:`~kappatune.selection.SelectionPolicy` instead of the policy
             keywords above.
         skip_frozen: leave out of the candidates every tensor whose ``requires_grad`` is already

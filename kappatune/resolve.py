@@ -178,9 +178,19 @@ def resolve_selection(
         policy (Optional[SelectionPolicy]): the κ policy (default ``None``).
         names (Optional[Sequence[str]]): an explicit list of parameter names instead (default
             ``None``); κ is taken from ``table`` or, without one, from the cache (no computation).
-        include / exclude (None, str or sequence of str): name regexes (default ``None``).
+        include (None, str or sequence of str): regexes (``re.search`` on the name) a candidate
+            must match (default ``None``).
+        exclude (None, str or sequence of str): regexes that leave a candidate out (default
+            ``None``).
         table (Optional[KappaTable]): a precomputed table of this model (default ``None``: scan).
-        min_ndim / max_dim / aggregate / cache / recompute / progress: as :func:`kappatune.scan`.
+        min_ndim (int): skip tensors with fewer dimensions (default ``2``), as :func:`kappatune.scan`.
+        max_dim (Optional[int]): skip tensors with a longer matrix side (default ``None``).
+        aggregate (str): ``"mean"`` or ``"max"`` over a stacked 3-D parameter (default ``"mean"``).
+        cache (bool, None, str, PathLike or KappaCache): the κ cache, as :func:`kappatune.scan`
+            (default ``True``: the default cache).
+        recompute (bool): ignore cached κ values (default ``False``).
+        progress (Optional[bool]): a progress bar while scanning (default ``None``: only on a
+            terminal).
         compare_shapes (bool): check the table's shapes against the model's (default ``True``;
             ``False`` where each rank holds flat shards, as FSDP1 does).
 

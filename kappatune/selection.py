@@ -225,10 +225,19 @@ class KappaTable(Sequence[KappaEntry]):
         Args:
             policy (Optional[SelectionPolicy]): a prepared policy (default ``None``: built from
                 the keyword arguments below, which must then name exactly one policy).
-            num_tensors / top_fraction / param_budget / max_kappa / group_by: see
-                :class:`SelectionPolicy` (default ``None``).
-            include / exclude (None, str or sequence of str): regexes (``re.search`` on the name)
-                restricting the candidates (see :class:`NameFilter`; default ``None``).
+            num_tensors (Optional[int]): the ``k`` lowest-κ tensors (default ``None``; see
+                :class:`SelectionPolicy` for every policy).
+            top_fraction (Optional[float]): the lowest-κ ``ceil(f · N)`` of the ``N``
+                candidates (default ``None``).
+            param_budget (Optional[Union[int, float]]): a parameter budget, a fraction
+                ``0 < b <= 1`` of the candidates' parameters or a count (default ``None``).
+            max_kappa (Optional[float]): every tensor with ``κ <= t`` (default ``None``).
+            include (None, str or sequence of str): regexes (``re.search`` on the name) a
+                candidate must match (see :class:`NameFilter`; default ``None``).
+            exclude (None, str or sequence of str): regexes that leave a candidate out
+                (default ``None``).
+            group_by (None, str or Callable[[str], Any]): apply the policy per ``"kind"``, per
+                ``"layer"`` or per key of a callable (default ``None``).
 
         Raises:
             ValueError: no policy or several, an invalid value, or nothing selectable.

@@ -147,9 +147,15 @@ def kappa_lora_targets(
         show_progress: a progress bar during the scan.
         table: a :class:`~kappatune.KappaTable` from an earlier :func:`kappatune.scan` of this
             model to take κ from instead of scanning (targets whose weight it lacks are left out).
-        cache / recompute / aggregate: as in :func:`kappatune.scan` (``aggregate`` over experts).
-        include / exclude: regexes (``re.search``) on the target names (module paths / parameter
-            names), restricting the candidates.
+        cache (bool, None, str, PathLike or KappaCache): the κ cache, as in
+            :func:`kappatune.scan` (default ``True``: the default cache).
+        recompute (bool): ignore cached κ values (default ``False``).
+        include (None, str or sequence of str): regexes (``re.search``) on the target names
+            (module paths / parameter names) a candidate must match (default ``None``).
+        exclude (None, str or sequence of str): regexes that leave a candidate out (default
+            ``None``).
+        aggregate (str): ``"mean"`` or ``"max"`` over the experts of a fused 3-D parameter
+            (default ``"mean"``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
