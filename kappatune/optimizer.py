@@ -46,7 +46,7 @@ from .distributed import check_ddp_selection, check_same_selection, check_wrappe
 from .refs import clean_name
 from .resolve import named_parameters, resolve_selection
 from .scan import CacheArg
-from .selection import FreezeHandle, KappaEntry, KappaTable, Patterns, SelectionPolicy, freeze_all_but
+from .selection import FreezeHandle, GroupBy, KappaEntry, KappaTable, Patterns, SelectionPolicy, freeze_all_but
 
 __all__ = ["KappaTuneOptimizer", "SelectiveFineTuningOptimizer", "unwrap_model", "STATE_KEY"]
 
@@ -270,7 +270,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         param_budget: Optional[Union[int, float]] = None,
         max_kappa: Optional[float] = None,
         names: Optional[Sequence[str]] = None,
-        group_by: Union[None, str, Callable[[str], Any]] = None,
+        group_by: GroupBy = None,
         min_ndim: int = 2,
         max_dim: Optional[int] = None,
         include: Patterns = None,
@@ -282,15 +282,14 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         progress: Optional[bool] = None,
         policy: Optional[SelectionPolicy] = None,
         skip_frozen: bool = False,
-        cache_dir: Any = _MISSING,
         **optimizer_kwargs: Any,
     ) -> None:
         self._initialized = False
         _check_model(model)
         _check_factory(optimizer)
-        if cache_dir is not _MISSING:
+        if "cache_dir" in optimizer_kwargs:  # the old spelling, not an optimizer argument
             _warn_deprecated("cache_dir=", "cache=")
-            cache = cache_dir
+            cache = optimizer_kwargs.pop("cache_dir")
         policy = _one_policy(policy, names, group_by, dict(num_tensors=num_tensors, top_fraction=top_fraction,
                                                           param_budget=param_budget, max_kappa=max_kappa))
         module = unwrap_model(model)

@@ -24,14 +24,14 @@ other tensors.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..optimizer import KappaTuneOptimizer, OptimizerFactory, unwrap_model
 from ..scan import CacheArg
-from ..selection import KappaTable, Patterns, SelectionPolicy
+from ..selection import GroupBy, KappaTable, Patterns, SelectionPolicy
 
 __all__ = ["optimizer_cls_and_kwargs", "KappaTuneOptimizerFactory"]
 
@@ -60,7 +60,7 @@ def optimizer_cls_and_kwargs(
     param_budget: Optional[Union[int, float]] = None,
     max_kappa: Optional[float] = None,
     names: Optional[Sequence[str]] = None,
-    group_by: Union[None, str, Callable[[str], Any]] = None,
+    group_by: GroupBy = None,
     min_ndim: int = 2,
     max_dim: Optional[int] = None,
     include: Patterns = None,
