@@ -1,26 +1,37 @@
-"""Does κ-selection forget less? A forgetting benchmark on SmolLM2-135M, offline, on CPU.
+"""Forgetting study v2: does κ-selection forget less once module kind, learning rate and noise are controlled?
 
-Task: continued pre-training (causal LM loss) on the King James Bible. Control: Wikipedia summaries
-(general knowledge). Methods at an equal trainable-parameter budget (κ-low = kappatune's selection,
-κ-high = the reverse ablation, random tensors over 3 seeds, LoRA of the same size), plus full
-fine-tuning. Full FT trains a fixed number of steps and sets the target held-out task loss; every
-other run trains until it reaches that loss (matched adaptation), then we measure how much the
-control perplexity went up (forgetting = control PPL after / before).
+At one small budget (default 1.2 % of the linear weights, so κ has to choose *within* a module
+kind) eight arms fine-tune the same model on a task corpus while a control corpus measures what
+is forgotten: ``kappa_low`` (kappatune's ``param_budget`` selection), ``kappa_low_kind`` (κ ranked
+within each module kind), ``random_kind`` (random tensors with κ-low's kind composition — the
+control that separates κ from kind), ``kappa_high_kind`` (highest κ, same composition),
+``random``, ``spectrum`` (Spectrum's SNR, arXiv 2406.06623), ``lora`` (equal parameter count) and
+``full`` fine-tuning. 3 seeds (data order, random draws), 2 pre-registered LRs per arm chosen on
+seed 0, a pre-registered endpoint (control-loss increase at a fixed task loss L*), paired
+bootstrap CIs against κ-low with Holm's correction; then longer training and a second task in
+sequence. The pre-registration is ``benchmarks/results/forgetting_v2/PREREGISTRATION.md``.
 
 Usage::
 
-    python benchmarks/forgetting.py                 # the full benchmark (resumable, per run)
-    python benchmarks/forgetting.py --quick         # a few minutes: 1 budget, 1 LR, 1 seed
-    python benchmarks/forgetting.py --only kappa_low random   # part of it (full FT first if needed)
-    python benchmarks/forgetting.py --report        # aggregate finished runs: table + plot only
-    python benchmarks/forgetting.py --lr-probe 5e-4 # extra LRs for κ-low/κ-high/random at budget 0.05
-    python benchmarks/forgetting.py --tiny --quick --out /tmp/x   # tiny config model, synthetic data
+    python benchmarks/forgetting.py                      # the study on the bundled SmolLM2-135M (resumable)
+    python benchmarks/forgetting.py --report             # results.md, summary.json, plots from finished runs
+    python benchmarks/forgetting.py --quick              # a few minutes: short runs, 2 seeds, 1 LR per arm
+    python benchmarks/forgetting.py --dry-run            # budget, each arm's tensors, LoRA rank; no training
 
-Outputs (under ``--out``, default ``benchmarks/results/forgetting``): ``runs/<run>.json`` (one per
-finished run, kept and never redone), ``results.md``, ``summary.json``, ``tradeoff.png``.
-``--lr-probe`` runs (method, LR) pairs outside the main LR grid against the main full-FT target, with
-the same code, into ``lr_probe/runs/`` and ``lr_probe/results.md``; the main runs are left untouched.
-The helpers live in ``benchmarks/forgetting_lib.py``.
+    # your own model and data, on a GPU (bf16 autocast), one command:
+    python benchmarks/forgetting.py --model PATH/TO/causal-lm --task task.jsonl --control general.txt \\
+        --task2 second_task.txt --device cuda --out results/my_forgetting
+
+``--model``: any folder ``AutoModelForCausalLM.from_pretrained`` reads, or a ``.gguf`` file (default:
+the bundled SmolLM2-135M-Instruct GGUF). ``--task/--control/--task2``: plain text (documents separated
+by blank lines), JSONL (``--text-field``, default ``text``) or JSON; defaults KJV verses, Wikipedia
+summaries, the interpreter's standard library source (offline). ``--tiny`` runs the harness on a tiny
+config-built model with synthetic data (the test). The v1 benchmark is ``benchmarks/forgetting_v1.py``.
+
+Outputs (``--out``, default ``benchmarks/results/forgetting_v2``): ``runs/<run>.json`` (one per
+finished run, with per-window losses, wall and CPU time), ``base.json``, ``selections.json`` (every
+seed's tensors, fixed at the first start), ``results.md``, ``summary.json``, ``frontier.png``,
+``sequential.png``. While running, ``runner.pid`` holds the runner's PID.
 """
 
 from __future__ import annotations
@@ -33,154 +44,188 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-import forgetting_lib as fl  # noqa: E402
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _threads_fn(spec: str):
-    """``auto``: all cores, or 1 when other processes already load them (under oversubscription
-    OpenMP's spinning threads made a training step 4-5x slower with 2 threads than with 1 here)."""
-    n = os.cpu_count() or 1
-    if spec != "auto":
-        try:
-            k = int(spec)
-        except ValueError:
-            raise SystemExit(f"--threads must be a positive integer or 'auto', got {spec!r}") from None
-        if k < 1:
-            raise SystemExit(f"--threads must be >= 1, got {k}")
-        return lambda: k
-
-    def pick() -> int:
-        busy = os.getloadavg()[0] - torch.get_num_threads()   # load that is not ours (roughly)
-        return 1 if busy > 0.5 * n else n
-
-    return pick
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    import forgetting_v2 as fv
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few minutes: 1 budget, 1 LR per method, 1 random seed")
-    ap.add_argument("--tiny", action="store_true",
-                    help="a tiny LlamaForCausalLM built from a config and synthetic windows (tests the harness)")
-    ap.add_argument("--only", nargs="+", metavar="METHOD", choices=fl.METHODS,
-                    help=f"run only these methods ({', '.join(fl.METHODS)}); the full-FT runs that set the "
-                         "target run first if they are missing")
-    ap.add_argument("--report", action="store_true", help="only aggregate finished runs (table, plot)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results folder (default benchmarks/results/forgetting, or …/forgetting/quick)")
-    ap.add_argument("--threads", default="auto",
-                    help="torch threads: a number, or 'auto' (default): os.cpu_count(), except 1 while the "
-                         "1-minute load average shows the cores busy with other processes (chosen per run)")
+    ap.add_argument("--model", default=None, help="causal-LM folder or .gguf file (default: bundled SmolLM2-135M)")
+    ap.add_argument("--task", nargs="+", default=None, metavar="FILE", help="task corpus (default: KJV verses)")
+    ap.add_argument("--control", nargs="+", default=None, metavar="FILE",
+                    help="control corpus, never trained on (default: Wikipedia summaries)")
+    ap.add_argument("--task2", nargs="+", default=None, metavar="FILE",
+                    help="second task of the sequential phase (default: the Python standard library source)")
+    ap.add_argument("--text-field", default="text", help="JSON/JSONL field with the text (default: text)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="on cuda: keep the weights in bfloat16 (default: float32 weights under bf16 autocast)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/forgetting_v2)")
+    ap.add_argument("--quick", action="store_true", help="a few minutes: short runs, small eval sets, 2 seeds, 1 LR")
+    ap.add_argument("--tiny", action="store_true", help="tiny config-built model, synthetic data (tests the harness)")
+    ap.add_argument("--arms", nargs="+", default=None, choices=fv.ARMS, metavar="ARM",
+                    help=f"only these arms (default all: {' '.join(fv.ARMS)}); kappa_low is always kept")
+    ap.add_argument("--phases", nargs="+", default=list(fv.PHASES), choices=fv.PHASES,
+                    help="phases to run (default: main long seq)")
+    ap.add_argument("--budget", type=float, default=None, help="fraction of the linear weights (default 0.012)")
+    ap.add_argument("--report", action="store_true", help="only aggregate finished runs")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and selections; train nothing")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    ap.add_argument("--sweep-all-budgets", action="store_true",
-                    help="sweep the LRs at every budget (default: on the first budget, reused for the others)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--kappa-cache", type=Path, default=ROOT / "cache",
+                    help="κ cache folder for the scan of the base model (default: the repo's cache/)")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates in the report (default 2000)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--no-plot", action="store_true", help="skip tradeoff.png")
-    probe = ap.add_argument_group("LR probe (extra learning rates against the main runs' target)")
-    probe.add_argument("--lr-probe", nargs="+", type=float, metavar="LR",
-                       help="run --probe-methods at --probe-budget with these LRs (needs the main full-FT runs "
-                            "in --out); results in <out>/lr_probe/; with --report only rewrite its results.md")
-    probe.add_argument("--probe-methods", nargs="+", metavar="METHOD", choices=fl.METHODS[1:],
-                       default=["kappa_low", "kappa_high", "random"],
-                       help="methods for --lr-probe (default: kappa_low kappa_high random)")
-    probe.add_argument("--probe-budget", type=float, default=0.05, help="budget for --lr-probe (default 0.05)")
-    probe.add_argument("--probe-seed", type=int, default=0, help="random selection seed for --lr-probe (default 0)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the plots")
     return ap.parse_args(argv)
 
 
-def config_for(args: argparse.Namespace) -> fl.BenchConfig:
+def config_for(args: argparse.Namespace):
+    import forgetting_v2 as fv
+
+    cfg = fv.tiny_config() if args.tiny else (fv.quick_config() if args.quick else fv.full_config())
+    if args.arms:
+        cfg.arms = tuple(a for a in fv.ARMS if a in set(args.arms) | {"kappa_low"})
+        cfg.long_arms = tuple(a for a in cfg.long_arms if a in cfg.arms)
+        cfg.seq_arms = tuple(a for a in cfg.seq_arms if a in cfg.arms)
+    if args.budget is not None:
+        if not 0 < args.budget:
+            raise ValueError(f"--budget must be > 0, got {args.budget}")
+        cfg.budget = args.budget
+    dev = fv.pick_device(args.device)
+    if dev.type == "cuda":
+        cfg.precision = "bf16" if args.bf16_weights else "bf16-autocast"
+    if not args.tiny and args.model is not None:
+        cfg.model = str(args.model)
+    for role in ("task", "control", "task2"):
+        if getattr(args, role):
+            setattr(cfg, role, ", ".join(getattr(args, role)))
+    if not args.tiny and not args.task2:
+        cfg.task2 = fv.python_stdlib_description()
+    return cfg, dev
+
+
+def default_out(args) -> Path:
+    base = ROOT / "benchmarks" / "results"
     if args.tiny:
-        cfg = fl.tiny_config(quick=args.quick)
+        return base / "tmp" / "forgetting_v2_tiny"
+    return base / "tmp" / "forgetting_v2_quick" if args.quick else base / "forgetting_v2"
+
+
+def load_model(path: Optional[str], dtype, log=_log):
+    """(model, tokenizer): a causal-LM folder / .gguf file, or the bundled SmolLM2 GGUF."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = time.perf_counter()
+    if path is None:
+        sys.path.insert(0, str(ROOT / "examples"))
+        import offline
+
+        model, tok = offline.load_smollm2(dtype)
     else:
-        cfg = fl.quick_config() if args.quick else fl.full_config()
-    if args.sweep_all_budgets:
-        cfg.sweep_all_budgets = True
-    return cfg
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"--model {path}: no such folder or file")
+        kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
+        d = p.parent if p.suffix == ".gguf" else p
+        try:
+            tok = AutoTokenizer.from_pretrained(d, **kw)
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model {path}: not a causal-LM folder transformers can read ({str(e).splitlines()[0]})")
+    log(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in "
+        f"{time.perf_counter() - t:.1f} s")
+    return model, tok
 
 
-def default_out(args: argparse.Namespace) -> Path:
-    if args.tiny:
-        return ROOT / "benchmarks" / "results" / "tmp" / ("forgetting_tiny" + ("_quick" if args.quick else ""))
-    base = ROOT / "benchmarks" / "results" / "forgetting"
-    return base / "quick" if args.quick else base
+def corpora_for(args, cfg):
+    import forgetting_v2 as fv
 
-
-def load(cfg: fl.BenchConfig, tiny: bool, log=_log):
-    """(model, κ table, data). The real model's κ table goes through the repo's ``cache/``."""
-    import kappatune
-
-    if tiny:
-        model, data = fl.tiny_model_and_data(cfg)
-        table = kappatune.scan(model, cache=False, progress=False)
-        return model, table, data
-    sys.path.insert(0, str(ROOT / "examples"))
-    import offline
-
-    t = time.perf_counter()
-    model, tok = offline.load_smollm2(torch.float32)
-    log(f"loaded SmolLM2-135M in {time.perf_counter() - t:.1f} s")
-    t = time.perf_counter()
-    table = kappatune.scan(model, max_dim=16384, cache=kappatune.KappaCache(ROOT / "cache"), progress=False)
-    log(f"κ table in {time.perf_counter() - t:.1f} s (cache {ROOT / 'cache'}): {table!r}")
-    t = time.perf_counter()
-    data = fl.real_data(tok, cfg)
-    log(f"token windows in {time.perf_counter() - t:.1f} s: train {tuple(data.train.shape)}, "
-        f"curve {len(data.task_curve)}+{len(data.control_curve)}, final {len(data.task_final)}+"
-        f"{len(data.control_final)} (fingerprint {data.fingerprint()})")
-    return model, table, data
-
-
-def lr_probe(args: argparse.Namespace, cfg: fl.BenchConfig, out: Path, cmd: str) -> int:
-    """``--lr-probe``: extra runs against the main target; the main runs and report are not touched."""
-    if args.only:
-        raise SystemExit("--lr-probe and --only do not mix; use --probe-methods")
-    try:
-        specs = fl.probe_specs(args.lr_probe, args.probe_methods, args.probe_budget, args.probe_seed)
-        fl.probe_target(cfg, out)          # fail before loading the model when the target is missing
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not args.report:
-        threads_fn = _threads_fn(args.threads)
-        torch.set_num_threads(threads_fn())
-        model, table, data = load(cfg, args.tiny)
-        fl.run_lr_probe(model, table, data, cfg, out, specs, progress=not args.no_progress, log=_log,
-                        threads_fn=threads_fn)
-    print(fl.write_probe_report(cfg, out, specs, command=cmd.strip()))
-    return 0
+    out = {}
+    defaults = None
+    for role in ("task", "control", "task2"):
+        files = getattr(args, role)
+        if files is None:
+            if defaults is None:
+                defaults = fv.default_corpora()
+            files, _ = defaults[role]
+        out[role] = fv.read_corpus(files, role, args.text_field)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, RuntimeError) as e:       # one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    cfg = config_for(args)
+    import torch
+
+    import forgetting_report as fr
+    import forgetting_v2 as fv
+
+    cfg, device = config_for(args)
     out = args.out or default_out(args)
     given = list(sys.argv[1:] if argv is None else argv)
-    cmd = "python benchmarks/forgetting.py" + "".join(" " + shlex.quote(a) for a in given
-                                                      if a not in ("--report", "--no-plot", "--no-progress"))
-    if args.lr_probe is not None:
-        return lr_probe(args, cfg, out, cmd)
+    cmd = "python benchmarks/forgetting.py" + "".join(
+        " " + shlex.quote(a) for a in given if a not in ("--report", "--no-plot", "--no-progress", "--dry-run"))
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     if not args.report:
-        threads_fn = _threads_fn(args.threads)
-        torch.set_num_threads(threads_fn())
-        _log(f"config {cfg.fingerprint()}: seq_len {cfg.seq_len}, batch {cfg.batch}, full FT {cfg.ft_steps} steps, "
-             f"cap {cfg.cap_steps}, budgets {list(cfg.budgets)}, LRs {cfg.lrs}, {torch.get_num_threads()} threads; "
-             f"results in {out}")
-        model, table, data = load(cfg, args.tiny)
-        fl.run_benchmark(model, table, data, cfg, out, only=args.only, progress=not args.no_progress, log=_log,
-                         max_runs=args.max_runs, threads_fn=threads_fn)
-    text = fl.write_report(cfg, out, command=cmd.strip())
-    plot = None if args.no_plot else fl.write_plot(cfg, out)
+        out.mkdir(parents=True, exist_ok=True)
+        pid = out / "runner.pid"
+        if not args.dry_run:
+            pid.write_text(f"{os.getpid()}\n")
+        _log(f"config {cfg.fingerprint()}: {cfg.steps} steps × {cfg.batch}×{cfg.seq_len} tokens, budget {cfg.budget}, "
+             f"seeds {list(cfg.seeds)}, arms {list(cfg.arms)}, phases {args.phases}, device {device} "
+             f"({cfg.precision}), {torch.get_num_threads()} threads; results in {out}")
+        if args.tiny:
+            model, data = fv.tiny_model_and_data(cfg)
+            kcache = None
+        else:
+            dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            model, tok = load_model(args.model, dtype)
+            corpora = corpora_for(args, cfg)
+            data = fv.build_data(tok, corpora, cfg, need_task2="seq" in args.phases, log=_log)
+            kcache = args.kappa_cache
+        model.to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        t = time.perf_counter()
+        table = fv.kappa_scan(model, fv.make_cache(kcache), cfg.max_dim)
+        _log(f"κ table in {time.perf_counter() - t:.1f} s: {table!r}")
+        if args.dry_run:
+            sel = fv.selections(table, model, cfg, out, lambda: fv.spectrum.snr_table(
+                {n: p for n, p in model.named_parameters() if n in set(table.names)}), _log)
+            fv.describe_selections(sel, _log)
+            ready, waiting, _ = fv.plan(cfg, fv.load_runs(out, cfg), args.phases)
+            _log(f"{len(ready)} run(s) ready: {', '.join(s.run_id for s in ready[:20])}"
+                 + (" …" if len(ready) > 20 else "") + f"; {len(waiting)} group(s) waiting")
+            return 0
+        seq_cache = out / "tmp" / "kappa_cache_seq"
+        fv.run_study(model, table, data, cfg, out, device, phases=args.phases, progress=not args.no_progress,
+                     log=_log, max_runs=args.max_runs, kcache_path=seq_cache)
+        ready, _, _ = fv.plan(cfg, fv.load_runs(out, cfg), args.phases)
+        if not ready and pid.exists():
+            pid.unlink()
+    text = fr.write_report(cfg, out, command=cmd.strip(), B=args.bootstrap, plots=not args.no_plot)
     print(text)
-    if plot is not None:
-        _log(f"plot: {plot}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The forgetting benchmark's harness, on a tiny config-built Llama and synthetic token windows.
+"""The v1 forgetting benchmark's harness (``benchmarks/forgetting_v1.py``), on a tiny config-built Llama and synthetic token windows.
 
 Runs the real ``benchmarks/forgetting.py --tiny --quick`` path end to end (training, matched-target
 stopping, equal-budget selections, LoRA via peft, resumable run files, report and plot), plus the
@@ -17,7 +17,7 @@ from tests.conftest import make_tiny_llama
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import forgetting  # noqa: E402
+import forgetting_v1 as forgetting  # noqa: E402
 import forgetting_lib as fl  # noqa: E402
 
 kappatune = pytest.importorskip("kappatune")

@@ -1,0 +1,477 @@
+"""Report of the forgetting study v2: endpoints, paired bootstrap against κ-low, Holm, the
+computed headline, ``results.md``, ``summary.json`` and the plots. Reads only run files."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import forgetting_stats as st  # noqa: E402
+import forgetting_v2 as fv  # noqa: E402
+
+REF = "kappa_low"
+USAGE = """## Run it on your own model
+
+```bash
+# the whole study (resumable: rerun the same command, finished runs are kept)
+python benchmarks/forgetting.py --model PATH/TO/causal-lm-folder \\
+    --task my_domain.jsonl --control general_text.txt --task2 second_domain.txt \\
+    --device cuda --out results/my_model_forgetting
+python benchmarks/forgetting.py --out results/my_model_forgetting --report    # tables, plots, summary.json
+python benchmarks/forgetting.py --quick ...      # a few minutes: short runs, 2 seeds, 1 LR per arm
+python benchmarks/forgetting.py --dry-run ...    # the budget, each arm's tensors and LoRA rank; no training
+```
+
+`--model` takes any folder `AutoModelForCausalLM.from_pretrained` reads (or a `.gguf` file); without it the
+bundled SmolLM2-135M-Instruct GGUF is used. `--task/--control/--task2` take plain text (documents separated by
+blank lines), JSONL (a `text` field per line; `--text-field` to change) or JSON; defaults: KJV verses, Wikipedia
+summaries and the interpreter's own standard library source, all offline. `--device cuda` trains under bf16
+autocast with float32 master weights (`--bf16-weights` for models whose float32 copy does not fit); `--arms`
+drops arms (e.g. `full` on a 7B model), `--phases main` skips the long and sequential phases."""
+
+
+def _chosen(cfg, runs) -> Dict[str, Optional[float]]:
+    return fv.plan(cfg, runs)[2]
+
+
+def _pw(points: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    return np.asarray([p[key] for p in points], dtype=np.float64)          # (K, n)
+
+
+def _curve_endpoint(run, Wt, Wc, level: float) -> np.ndarray:
+    pts = [c for c in run["curve"] if "task_curve_pw" in c]
+    T = Wt @ _pw(pts, "task_curve_pw").T
+    C = Wc @ _pw(pts, "control_curve_pw").T
+    return st.crossing_batch(T, C, level) - C[:, 0]
+
+
+def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, rng, ref: str = REF) -> Dict[str, Any]:
+    """Every arm against ``ref`` (paired over seeds and windows), Holm over the arms."""
+    res = {a: st.paired_bootstrap(v, values[ref], B, rng) for a, v in values.items() if a != ref and ref in values}
+    adj = st.holm({a: r["p"] for a, r in res.items()})
+    for a, r in res.items():
+        r["p_holm"] = adj[a]
+        r["mde"] = st.mde(r["se"])
+        r["mde_holm"] = None if r["se"] is None else st.mde(r["se"], alpha_z=st.z_for_alpha(0.05 / max(1, len(res))))
+    return res
+
+
+def _seedvals(d: Mapping[int, np.ndarray], seeds) -> List[Optional[float]]:
+    out = []
+    for s in seeds:
+        v = d.get(s)
+        out.append(None if v is None or not np.isfinite(v[0]) else float(v[0]))
+    return out
+
+
+def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], B: int = 2000,
+            seed: int = 12345) -> Dict[str, Any]:
+    """Every number of the report (see PREREGISTRATION.md for the definitions)."""
+    rng = np.random.default_rng(seed)
+    chosen = _chosen(cfg, runs)
+    n_cc, n_tc = len(base["control_curve_pw"]), len(base["task_curve_pw"])
+    n_cf, n_tf = len(base["control_final_pw"]), len(base["task_final_pw"])
+    W = {"tc": st.window_weights(n_tc, B, rng), "cc": st.window_weights(n_cc, B, rng),
+         "tf": st.window_weights(n_tf, B, rng), "cf": st.window_weights(n_cf, B, rng)}
+    Ls, Ll = base["L_star"], base["task_curve_loss"] - cfg.long_lstar_delta
+    cf0 = np.asarray(base["control_final_pw"])
+    tf0 = np.asarray(base["task_final_pw"])
+    out: Dict[str, Any] = {"L_star": Ls, "L_long": Ll, "chosen_lr": chosen, "bootstrap": B}
+
+    def by_arm(phase, arms, fn, lr_of=lambda a: chosen.get(a)):
+        vals: Dict[str, Dict[int, np.ndarray]] = {}
+        for a in arms:
+            lr = lr_of(a)
+            if lr is None:
+                continue
+            for s in cfg.seeds:
+                r = runs.get(fv.RunSpec(a, lr, s, phase).run_id)
+                if r is not None and not r.get("diverged"):
+                    vals.setdefault(a, {})[s] = fn(r)
+        return vals
+
+    # main phase
+    arms = fv._arm_order(cfg.arms)
+    prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls))
+    last = by_arm("main", arms, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
+    cmp_p, cmp_l = _compare(prim, B, rng), _compare(last, B, rng)
+    main: Dict[str, Any] = {}
+    for a in arms:
+        rs = [runs.get(fv.RunSpec(a, chosen[a], s, "main").run_id) if chosen.get(a) else None for s in cfg.seeds]
+        main[a] = {"lr": chosen.get(a), "lr_grid": list(cfg.lrs[a]),
+                   "seeds": _seedvals(prim.get(a, {}), cfg.seeds),
+                   "reached": [None if r is None else r.get("dcontrol_at_lstar") is not None for r in rs],
+                   "steps_to_lstar": [None if r is None else r.get("steps_to_lstar") for r in rs],
+                   "dcontrol_last": [None if r is None else r.get("dcontrol_last") for r in rs],
+                   "dtask_last": [None if r is None else r.get("dtask_last") for r in rs],
+                   "dcontrol_acc_last": [None if r is None else r.get("dcontrol_acc_last") for r in rs],
+                   "trainable_params": next((r["trainable_params"] for r in rs if r), None),
+                   "kinds": next((r.get("selected_kinds") for r in rs if r), None),
+                   "vs_kappa_low": _slim(cmp_p.get(a)), "last_vs_kappa_low": _slim(cmp_l.get(a))}
+        vals = [v for v in main[a]["seeds"] if v is not None]
+        main[a]["mean"] = float(np.mean(vals)) if vals else None
+        # every fixed LR, every seed that ran it: the last-step numbers
+        main[a]["per_lr"] = {f"{lr:g}": [{"seed": s, **{k: r.get(k) for k in
+                                                        ("dcontrol_at_lstar", "steps_to_lstar", "dtask_last",
+                                                         "dcontrol_last", "dcontrol_acc_last")}}
+                                         for s in cfg.seeds
+                                         for r in [runs.get(fv.RunSpec(a, lr, s, "main").run_id)] if r]
+                             for lr in cfg.lrs[a]}
+    out["main"] = main
+    # long phase
+    la = fv._arm_order(cfg.long_arms)
+    long_last = by_arm("long", la, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
+    long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll))
+    long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls))
+    cl, cd = _compare(long_last, B, rng), _compare(long_deep, B, rng)
+    out["long"] = {a: {"lr": chosen.get(a), "dcontrol_last": _seedvals(long_last.get(a, {}), cfg.seeds),
+                       "dcontrol_at_L_long": _seedvals(long_deep.get(a, {}), cfg.seeds),
+                       "dcontrol_at_lstar": _seedvals(long_star.get(a, {}), cfg.seeds),
+                       "dtask_last": [None if r is None else r.get("dtask_last") for r in
+                                      [runs.get(fv.RunSpec(a, chosen[a], s, "long").run_id) if chosen.get(a) else None
+                                       for s in cfg.seeds]],
+                       "last_vs_kappa_low": _slim(cl.get(a)), "L_long_vs_kappa_low": _slim(cd.get(a))} for a in la}
+    # sequential phase
+    sa = fv._arm_order(cfg.seq_arms)
+    sq_c = by_arm("seq", sa, lambda r: W["cf"] @ (np.asarray(r["after_task2"]["control_final_pw"]) - cf0))
+    sq_t = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"])
+                                                 - np.asarray(r["after_task1"]["task_final_pw"])))
+    sq_t1 = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"]) - tf0))
+    c1, c2, c3 = _compare(sq_c, B, rng), _compare(sq_t, B, rng), _compare(sq_t1, B, rng)
+    seq: Dict[str, Any] = {}
+    for a in sa:
+        rs = [runs.get(fv.RunSpec(a, chosen[a], s, "seq").run_id) if chosen.get(a) else None for s in cfg.seeds]
+        seq[a] = {"lr": chosen.get(a), "seeds": _seedvals(sq_c.get(a, {}), cfg.seeds),
+                  "task1_forgetting": _seedvals(sq_t.get(a, {}), cfg.seeds),
+                  "task1_vs_base_after_task2": _seedvals(sq_t1.get(a, {}), cfg.seeds),
+                  "dcontrol_after_task1": [None if r is None else r["dcontrol_after_task1"] for r in rs],
+                  "dtask2_after_task2": [None if r is None else r["dtask2_after_task2"] for r in rs],
+                  "rescan": [None if r is None else {k: v for k, v in r["task2"].get("rescan", {}).items()
+                                                     if k != "kappa_changed"} or None for r in rs],
+                  "task2_overlap_with_task1": [None if r is None else r["task2"].get("overlap_with_task1") for r in rs],
+                  "vs_kappa_low": _slim(c1.get(a)), "task1_forgetting_vs_kappa_low": _slim(c2.get(a)),
+                  "task1_vs_base_vs_kappa_low": _slim(c3.get(a))}
+    out["sequential"] = seq
+    # compute
+    by_phase: Dict[str, Dict[str, float]] = {}
+    for r in runs.values():
+        d = by_phase.setdefault(r["phase"], {"runs": 0, "wall_s": 0.0, "cpu_s": 0.0, "steps": 0, "train_cpu_s": 0.0})
+        d["runs"] += 1
+        d["wall_s"] += r["wall_s"]
+        d["cpu_s"] += r["cpu_s"]
+        d["steps"] += r["steps"]
+        d["train_cpu_s"] += r["train_cpu_s"]
+    out["compute"] = {"by_phase": by_phase, "cpu_s": sum(d["cpu_s"] for d in by_phase.values()),
+                      "wall_s": sum(d["wall_s"] for d in by_phase.values()),
+                      "cpu_s_per_step": {a: _per_step(runs, a) for a in arms}}
+    return out
+
+
+def _per_step(runs, arm) -> Optional[float]:
+    rs = [r for r in runs.values() if r["arm"] == arm and r["phase"] == "main"]
+    return statistics.mean(r["train_cpu_s"] / max(1, r["steps"]) for r in rs) if rs else None
+
+
+def _slim(r: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    if r is None:
+        return None
+    return {k: r.get(k) for k in ("mean_diff", "ci95", "p", "p_holm", "se", "mde", "mde_holm", "t_ci95", "seeds",
+                                  "diffs", "valid")}
+
+
+def verdict(c: Optional[Mapping[str, Any]], what: str = "forgets", unit: str = "nats") -> str:
+    """The pre-registered wording: 'more'/'less' only where the CI excludes zero and Holm's p < 0.05."""
+    if c is None or c.get("mean_diff") is None:
+        return "no paired seeds yet"
+    if c.get("ci95") is None:
+        return f"mean diff {c['mean_diff']:+.4f} {unit} on {len(c['seeds'])} paired seed(s): too few seeds for a CI"
+    lo, hi = c["ci95"]
+    s = (f"diff {c['mean_diff']:+.4f} {unit}, 95% CI [{lo:+.4f}, {hi:+.4f}], p_holm {c['p_holm']:.3g}, "
+         f"MDE {c['mde']:.4f}, t-CI [{c['t_ci95'][0]:+.4f}, {c['t_ci95'][1]:+.4f}], {len(c['seeds'])} seeds")
+    if (lo > 0 or hi < 0) and c["p_holm"] is not None and c["p_holm"] < 0.05:
+        tlo, thi = c["t_ci95"]
+        note = "; the paired-t interval over seeds includes zero" if tlo <= 0 <= thi else ""
+        return f"**{what} {'more' if lo > 0 else 'less'} than κ-low** ({s}{note})"
+    return f"no difference detected ({s})"
+
+
+def _v(x, nd=4):
+    return "—" if x is None else f"{x:+.{nd}f}"
+
+
+def _seeds_str(xs) -> str:
+    return ", ".join("n/r" if x is None else f"{x:+.3f}" for x in xs)
+
+
+def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool = True) -> str:
+    out = Path(out)
+    runs = fv.load_runs(out, cfg)
+    base_p = out / "base.json"
+    base = json.loads(base_p.read_text(encoding="utf-8")) if base_p.exists() else None
+    ready, waiting, chosen = fv.plan(cfg, runs)
+    lines = ["# Forgetting study v2: does κ-selection forget less once module kind, LR and noise are controlled?", ""]
+    lines += [USAGE, ""]
+    if command:
+        lines += [f"This folder was made with: `{command}` (then `--report`).", ""]
+    lines += [f"Pre-registration: [PREREGISTRATION.md](PREREGISTRATION.md) (committed before the first run). "
+              f"Settings fingerprint `{cfg.fingerprint()}`; v1 (the first study) stays in `../forgetting/`.", ""]
+    n_done = len(runs)
+    n_total = n_done + len(ready) + _waiting_count(cfg, waiting)
+    lines += [f"**Status: {n_done} of ~{n_total} planned runs finished.**"
+              + ("" if not (ready or waiting) else " Numbers below use only finished runs; where a CI is missing "
+                                                   "no conclusion is drawn."), ""]
+    if base is None:
+        text = "\n".join(lines + ["No base evaluation yet: nothing has run."]) + "\n"
+        (out / "results.md").write_text(text, encoding="utf-8")
+        return text
+    A = analyse(cfg, runs, base, B=B)
+    sel_p = out / "selections.json"
+    sel = json.loads(sel_p.read_text(encoding="utf-8")) if sel_p.exists() else None
+    lines += ["## Setup", "",
+              f"Model: {cfg.model}; precision {cfg.precision}. Task: {cfg.task}; control: {cfg.control}; task 2 "
+              f"(sequential phase): {cfg.task2}. Windows of {cfg.seq_len} tokens, batch {cfg.batch}, AdamW (weight decay "
+              f"{cfg.weight_decay:g}, constant LR, grad-norm clip {cfg.grad_clip:g}); {cfg.steps} steps (long phase "
+              f"{cfg.long_steps}, sequential {cfg.steps} + {cfg.seq_steps}); seeds {list(cfg.seeds)} (training order, "
+              f"random draws, LoRA init). Curve every {cfg.eval_every} steps on {cfg.curve_windows} + "
+              f"{cfg.curve_windows} held-out windows; final evaluation on {cfg.final_windows} + {cfg.final_windows} other "
+              "held-out windows; per-window losses kept.", ""]
+    lines += [f"Before training: task loss {base['task_curve_loss']:.4f} (curve) / {base['task_final_loss']:.4f} "
+              f"(final), control {base['control_curve_loss']:.4f} / {base['control_final_loss']:.4f}, control "
+              f"next-token accuracy {base['control_final_acc']:.4f}. **L\\* = {base['L_star']:.4f}** "
+              f"(base − {cfg.lstar_delta}).", ""]
+    if sel is not None:
+        ref = sel["reference_params"]
+        lines += [f"Budget {cfg.budget} of the {sel['linear_params']:,} linear-weight parameters: κ-low trains "
+                  f"{ref:,} ({ref / sel['linear_params']:.2%}); LoRA r={sel['lora']['r']} on {sel['lora']['targets']}: "
+                  f"{sel['lora']['params']:,} ({sel['lora']['params'] / ref - 1:+.1%}).", "",
+                  "| arm | seed | tensors | params (vs κ-low) | kinds | κ range | rule |", "|---|---|---|---|---|---|---|"]
+        for sd, arms in sel["arms"].items():
+            for a, d in arms.items():
+                if a in cfg.arms and (sd == str(cfg.seeds[0]) or a in fv.RANDOM_ARMS):
+                    kr = d["kappa_range"]
+                    lines.append(f"| {fv.LABELS[a]} | {sd} | {len(d['names'])} | {d['params']:,} "
+                                 f"({d['params'] / ref - 1:+.1%}) | "
+                                 + ", ".join(f"{k} {v}" for k, v in d["kinds"].items())
+                                 + f" | {kr[0]:.3g} … {kr[1]:.3g} | {d['rule']} |")
+        lines.append("")
+    lines += ["## Primary endpoint: control-loss increase at L\\* (nats; lower = less forgetting)", "",
+              "Interpolated on each run's curve (curve windows), at the LR chosen on seed 0 by the pre-registered rule. "
+              "Differences are arm − κ-low, paired per seed; 95% CI from a bootstrap over seeds and windows; Holm over "
+              "the arms; MDE = 2.80 × bootstrap SE (α 0.05, 80% power); t-CI = paired t over seeds (conservative "
+              "companion for 3 seeds). n/r = L\\* not reached within the run.", "",
+              "| arm | LR (grid) | trainable | per seed | mean | vs κ-low | steps to L\\* |", "|---|---|---|---|---|---|---|"]
+    for a, m in A["main"].items():
+        lr = "—" if m["lr"] is None else f"{m['lr']:g}"
+        vs = "(reference)" if a == REF else verdict(m["vs_kappa_low"])
+        stp = ", ".join("—" if x is None else f"{x:.0f}" for x in m["steps_to_lstar"])
+        tp = "—" if m["trainable_params"] is None else f"{m['trainable_params']:,}"
+        lines.append(f"| {fv.LABELS[a]} | {lr} ({', '.join(f'{x:g}' for x in m['lr_grid'])}) | {tp} | "
+                     f"{_seeds_str(m['seeds'])} | {_v(m['mean'])} | {vs} | {stp} |")
+    lines += ["", "## Headline (computed from the CIs)", ""] + headline(A, cfg)
+    lines += ["", "## Secondary: last step, every fixed LR (final windows)", "",
+              "| arm | LR | seed | Δtask | Δcontrol | Δcontrol accuracy | Δcontrol at L\\* (curve) |",
+              "|---|---|---|---|---|---|---|"]
+    for a, m in A["main"].items():
+        for lr, rows in m["per_lr"].items():
+            for r in rows:
+                lines.append(f"| {fv.LABELS[a]} | {lr} | {r['seed']} | {_v(r['dtask_last'])} | {_v(r['dcontrol_last'])} | "
+                             f"{_v(r['dcontrol_acc_last'])} | {_v(r['dcontrol_at_lstar'])} |")
+    lines += ["", "Last-step Δcontrol at the chosen LR vs κ-low (unmatched adaptation: read with Δtask):", ""]
+    for a, m in A["main"].items():
+        if a != REF:
+            lines.append(f"- {fv.LABELS[a]}: {verdict(m['last_vs_kappa_low'])}")
+    lines += ["", f"## Longer training ({cfg.long_steps} steps)", "",
+              f"| arm | LR | Δtask last | Δcontrol last | Δcontrol at L\\* | Δcontrol at base − {cfg.long_lstar_delta} | "
+              "last vs κ-low | deep level vs κ-low |", "|---|---|---|---|---|---|---|---|"]
+    for a, m in A["long"].items():
+        lr = "—" if m["lr"] is None else f"{m['lr']:g}"
+        lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dtask_last'])} | {_seeds_str(m['dcontrol_last'])} | "
+                     f"{_seeds_str(m['dcontrol_at_lstar'])} | {_seeds_str(m['dcontrol_at_L_long'])} | "
+                     f"{'—' if a == REF else verdict(m['last_vs_kappa_low'])} | "
+                     f"{'—' if a == REF else verdict(m['L_long_vs_kappa_low'])} |")
+    lines += ["", f"## Continual learning: {cfg.task} ({cfg.steps} steps) then {cfg.task2} ({cfg.seq_steps} steps)", "",
+              "Control forgetting = control loss after task 2 − base; task-1 forgetting = task-1 loss after task 2 − "
+              "after task 1 (final windows).", "",
+              "| arm | LR | Δcontrol after task 1 | Δcontrol after task 2 | task-1 forgetting | Δtask 2 | κ re-scan "
+              "(changed / recomputed) | control vs κ-low | task-1 forgetting vs κ-low |", "|---|---|---|---|---|---|---|---|---|"]
+    for a, m in A["sequential"].items():
+        lr = "—" if m["lr"] is None else f"{m['lr']:g}"
+        rs = "; ".join("—" if x is None else f"{x['changed_tensors']} / {x['recomputed']}" for x in m["rescan"])
+        lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dcontrol_after_task1'])} | {_seeds_str(m['seeds'])} | "
+                     f"{_seeds_str(m['task1_forgetting'])} | {_seeds_str(m['dtask2_after_task2'])} | {rs} | "
+                     f"{'—' if a == REF else verdict(m['vs_kappa_low'])} | "
+                     f"{'—' if a == REF else verdict(m['task1_forgetting_vs_kappa_low'])} |")
+    C = A["compute"]
+    lines += ["", "## Compute", "",
+              f"{n_done} runs: {C['cpu_s'] / 3600:.2f} h of process CPU time, {C['wall_s'] / 3600:.2f} h wall "
+              "(wall includes any pause of the runner by other benchmarks; CPU time does not).", "",
+              "| phase | runs | steps | CPU h | wall h |", "|---|---|---|---|---|"]
+    for ph, d in sorted(C["by_phase"].items()):
+        lines.append(f"| {ph} | {d['runs']} | {d['steps']} | {d['cpu_s'] / 3600:.2f} | {d['wall_s'] / 3600:.2f} |")
+    lines += ["", "Training CPU s/step (main phase): " + ", ".join(
+        f"{fv.LABELS[a]} {v:.2f}" for a, v in C["cpu_s_per_step"].items() if v is not None), ""]
+    if ready or waiting:
+        lines += [f"## NOT FINISHED: {len(ready)} run(s) ready, {len(waiting)} group(s) waiting", ""]
+        lines += [f"- ready: {s.run_id}" for s in ready[:60]] + ([f"- … {len(ready) - 60} more"] if len(ready) > 60 else [])
+        lines += [f"- waiting: {w}" for w in waiting]
+        lines += ["", "Resume with the same command (finished runs are kept, not redone)."]
+    else:
+        lines += [f"All {n_done} planned runs finished."]
+    if plots:
+        made = write_plots(cfg, out, runs, base, A)
+        if made:
+            lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in made]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text, encoding="utf-8")
+    fv.atomic_write_json(out / "summary.json", summary(cfg, A, base, runs, ready, waiting))
+    return text
+
+
+def _waiting_count(cfg, waiting) -> int:
+    n = 0
+    for w in waiting:
+        if w.startswith("main"):
+            n += len(cfg.seeds) - 1
+        else:
+            n += len(cfg.seeds)
+    return n
+
+
+def headline(A: Mapping[str, Any], cfg) -> List[str]:
+    out = []
+    m = A["main"]
+    if REF not in m or m[REF]["mean"] is None:
+        return ["- κ-low has no finished run at its chosen LR yet: no headline."]
+    out.append(f"- κ-low: Δcontrol at L\\* {_seeds_str(m[REF]['seeds'])} (mean {m[REF]['mean']:+.4f} nats).")
+    for a in ("random_kind", "kappa_high_kind"):
+        if a in m:
+            out.append(f"- κ vs kind — {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'])}.")
+    for a in ("kappa_low_kind", "random", "spectrum", "lora", "full"):
+        if a in m:
+            out.append(f"- {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'])}.")
+    for a, s in A["long"].items():
+        if a != REF:
+            out.append(f"- long ({cfg.long_steps} steps), {fv.LABELS[a]}: last step {verdict(s['last_vs_kappa_low'])}.")
+    for a, s in A["sequential"].items():
+        if a != REF:
+            out.append(f"- sequential, {fv.LABELS[a]}: control {verdict(s['vs_kappa_low'])}; task 1 "
+                       f"{verdict(s['task1_forgetting_vs_kappa_low'], what='loses task 1')}.")
+    return out
+
+
+def summary(cfg, A, base, runs, ready, waiting) -> Dict[str, Any]:
+    def arm_entry(m, key="vs_kappa_low"):
+        d = dict(m)
+        d["vs_kappa_low"] = m.get(key)
+        return d
+
+    return {"arms": {a: arm_entry(m) for a, m in A["main"].items()},
+            "long": {"arms": A["long"]},
+            "sequential": {"arms": {a: dict(m) for a, m in A["sequential"].items()}},
+            "L_star": A["L_star"], "L_long": A["L_long"], "chosen_lr": A["chosen_lr"],
+            "endpoint": "control-loss increase (nats) at task loss L*, interpolated on the curve windows",
+            "base": {k: v for k, v in base.items() if not k.endswith("_pw")},
+            "config": cfg.to_dict(), "compute": A["compute"], "bootstrap_replicates": A["bootstrap"],
+            "finished_runs": sorted(runs), "missing_ready": [s.run_id for s in ready], "missing_waiting": list(waiting),
+            "headline": headline(A, cfg)}
+
+
+COLORS = {"kappa_low": "tab:blue", "random_kind": "tab:orange", "kappa_high_kind": "tab:red",
+          "kappa_low_kind": "tab:cyan", "random": "tab:gray", "spectrum": "tab:purple", "lora": "tab:green",
+          "full": "black"}
+
+
+def _frontier(ax, runs_by_seed, base, color, label, ls="-"):
+    """Mean Δcontrol over seeds on a common task-loss grid, band = min…max over seeds."""
+    curves = []
+    for r in runs_by_seed:
+        pts = [c for c in r["curve"] if "task_curve_loss" in c]
+        T = np.array([c["task_curve_loss"] for c in pts])
+        C = np.array([c["control_curve_loss"] for c in pts]) - base["control_curve_loss"]
+        Tm = np.minimum.accumulate(T)                   # the frontier reached so far
+        curves.append((Tm, C))
+    if not curves:
+        return
+    lo = max(c[0].min() for c in curves)
+    hi = base["task_curve_loss"]
+    if not lo < hi:
+        return
+    grid = np.linspace(hi, lo, 40)
+    ys = []
+    for Tm, C in curves:
+        y = []
+        for g in grid:
+            x = st.crossing(list(Tm), list(C), g)
+            y.append(np.nan if x is None else x[0])
+        ys.append(y)
+    Y = np.array(ys)
+    ax.plot(grid, np.nanmean(Y, 0), ls, color=color, lw=1.8, label=f"{label} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+    if len(curves) > 1:
+        ax.fill_between(grid, np.nanmin(Y, 0), np.nanmax(Y, 0), color=color, alpha=0.15, lw=0)
+
+
+def write_plots(cfg, out: Path, runs, base, A) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: List[Path] = []
+    chosen = A["chosen_lr"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, phase, arms in ((axes[0], "main", fv._arm_order(cfg.arms)), (axes[1], "long", fv._arm_order(cfg.long_arms))):
+        for a in arms:
+            if chosen.get(a) is None:
+                continue
+            rs = [runs[k] for k in (fv.RunSpec(a, chosen[a], s, phase).run_id for s in cfg.seeds) if k in runs]
+            _frontier(ax, rs, base, COLORS[a], f"{fv.LABELS[a]}, lr {chosen[a]:g}")
+        ax.axvline(A["L_star"], color="k", ls=":", lw=0.8, label="L*")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.invert_xaxis()
+        ax.set_xlabel("held-out task loss (curve windows; lower = more adapted →)")
+        ax.set_ylabel("control-loss increase (nats; up = forgetting)")
+        ax.set_title(f"{phase} phase ({cfg.steps if phase == 'main' else cfg.long_steps} steps): mean over seeds, "
+                     "band = seed range", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Forgetting–adaptation frontier, {cfg.model.split(' (')[0]}, budget {cfg.budget} of the linear weights",
+                 fontsize=10)
+    fig.tight_layout()
+    p = out / "frontier.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    made.append(p)
+    seq = [(a, [runs[k] for k in (fv.RunSpec(a, chosen[a], s, "seq").run_id for s in cfg.seeds) if k in runs])
+           for a in fv._arm_order(cfg.seq_arms) if chosen.get(a) is not None]
+    if any(rs for _, rs in seq):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        keys = (("control_curve_loss", "control", base["control_curve_loss"]),
+                ("task_curve_loss", "task 1", base["task_curve_loss"]),
+                ("task2_curve_loss", "task 2", base["task2_curve_loss"]))
+        for ax, (k, name, b0) in zip(axes, keys):
+            for a, rs in seq:
+                for i, r in enumerate(rs):
+                    pts = r["task1"]["curve"] + r["task2"]["curve"][1:]
+                    ax.plot([c["step"] for c in pts], [c[k] - b0 for c in pts], "-o", ms=2, color=COLORS[a],
+                            alpha=0.8, label=fv.LABELS[a] if i == 0 else None)
+            ax.axvline(cfg.steps, color="k", ls=":", lw=0.8)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_xlabel(f"step (task 1 → task 2 at {cfg.steps})")
+            ax.set_ylabel(f"{name} loss − base (nats)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Sequential phase: {cfg.task} then {cfg.task2} (one line per seed)", fontsize=10)
+        fig.tight_layout()
+        p = out / "sequential.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    return made
