@@ -24,14 +24,13 @@ other tensors.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 
 from ..optimizer import KappaTuneOptimizer, OptimizerFactory, unwrap_model
-from ..scan import CacheArg
-from ..selection import GroupBy, KappaTable, Patterns, SelectionPolicy
 
 __all__ = ["optimizer_cls_and_kwargs", "KappaTuneOptimizerFactory"]
 
@@ -51,35 +50,28 @@ class KappaTuneOptimizerFactory:
         return "KappaTuneOptimizerFactory()"
 
 
+# KappaTuneOptimizer's own keywords (the selection); everything else goes to the inner optimizer.
+_OWN = frozenset(inspect.signature(KappaTuneOptimizer.__init__).parameters) - {"self", "model", "optimizer",
+                                                                               "optimizer_kwargs"}
+
+
 def optimizer_cls_and_kwargs(
-    model: nn.Module,
-    optimizer: OptimizerFactory = torch.optim.AdamW,
-    *,
-    num_tensors: Optional[int] = None,
-    top_fraction: Optional[float] = None,
-    param_budget: Optional[Union[int, float]] = None,
-    max_kappa: Optional[float] = None,
-    names: Optional[Sequence[str]] = None,
-    group_by: GroupBy = None,
-    min_ndim: int = 2,
-    max_dim: Optional[int] = None,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    aggregate: str = "mean",
-    table: Optional[KappaTable] = None,
-    cache: CacheArg = True,
-    recompute: bool = False,
-    progress: Optional[bool] = None,
-    policy: Optional[SelectionPolicy] = None,
-    skip_frozen: bool = False,
-    **optimizer_kwargs: Any,
+    model: nn.Module, optimizer: OptimizerFactory = torch.optim.AdamW, **kwargs: Any
 ) -> Tuple[type, Dict[str, Any]]:
     """Select (scan + policy) and freeze now; return ``(factory, kwargs)`` for ``optimizer_cls_and_kwargs``.
 
-    Same arguments as :class:`~kappatune.KappaTuneOptimizer` (the selection is resolved by
-    :func:`kappatune.resolve.resolve_selection`, as there). Invalid optimizer kwargs fail here (a
-    throw-away optimizer is built over the selected tensors to check them, as the Trainer's will be),
-    not in the middle of ``train()``.
+    Args:
+        model (nn.Module): the model the Trainer will train (unwrapped here).
+        optimizer (type or callable): as :class:`~kappatune.KappaTuneOptimizer` (default
+            ``torch.optim.AdamW``).
+        **kwargs: exactly :class:`~kappatune.KappaTuneOptimizer`'s keywords: the selection
+            (``top_fraction=``, ``param_budget=``, ``policy=``, ``names=``, ``max_dim=``,
+            ``cache=``, …) and the inner optimizer's (``lr=``, ``weight_decay=``, …).
+
+    The selection is resolved as the optimizer resolves it (by
+    :func:`kappatune.resolve.resolve_selection`). Invalid optimizer kwargs fail here (a throw-away
+    optimizer is built over the selected tensors to check them, as the Trainer's will be), not in
+    the middle of ``train()``.
 
     Example::
 
@@ -88,12 +80,9 @@ def optimizer_cls_and_kwargs(
         ...                   optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(
         ...                       model, torch.optim.AdamW, top_fraction=0.1, lr=2e-5, weight_decay=0.01))
     """
-    probe = KappaTuneOptimizer(
-        unwrap_model(model), optimizer, num_tensors=num_tensors, top_fraction=top_fraction,
-        param_budget=param_budget, max_kappa=max_kappa, names=names, group_by=group_by, min_ndim=min_ndim,
-        max_dim=max_dim, include=include, exclude=exclude, aggregate=aggregate, table=table,
-        cache=cache, recompute=recompute, progress=progress, policy=policy, skip_frozen=skip_frozen,
-        **optimizer_kwargs)
-    kwargs: Dict[str, Any] = {"optimizer": optimizer, "names": probe.selected, "table": probe.table,
-                              "aggregate": aggregate, "cache": None, "progress": False, **optimizer_kwargs}
-    return KappaTuneOptimizerFactory, kwargs
+    probe = KappaTuneOptimizer(unwrap_model(model), optimizer, **kwargs)
+    optimizer_kwargs = {k: v for k, v in kwargs.items() if k not in _OWN and k != "cache_dir"}
+    out: Dict[str, Any] = {"optimizer": optimizer, "names": probe.selected, "table": probe.table,
+                           "aggregate": kwargs.get("aggregate", "mean"), "cache": None, "progress": False,
+                           **optimizer_kwargs}
+    return KappaTuneOptimizerFactory, out
