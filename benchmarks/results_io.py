@@ -85,7 +85,8 @@ def machine_markdown(info: Dict[str, Any]) -> str:
     v = ", ".join(f"{k} {val}" for k, val in info.get("versions", {}).items())
     load = info.get("load_average_1_5_15")
     load_s = f"; load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) at the end" if load else ""
-    thr = f"; {info['threads']} torch threads" if "threads" in info else ""
+    n = info.get("threads")
+    thr = f"; {n} torch thread{'' if n == 1 else 's'}" if n is not None else ""
     env = info.get("env_threads") or {}
     env_s = ("; " + ", ".join(f"{k}={val}" for k, val in env.items())) if env else ""
     commit = f" at commit `{info['commit']}`" if info.get("commit") else ""
