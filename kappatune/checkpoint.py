@@ -4,14 +4,17 @@
 (``model.safetensors.index.json``) or one or more ``.safetensors`` files, and returns the same
 :class:`~kappatune.selection.KappaTable` that :func:`kappatune.scan` returns for the loaded model.
 
-Memory
-------
-Every tensor is read on its own: the file is opened with ``safetensors.safe_open`` (memory-mapped),
-that one tensor is taken with ``get_tensor``, and the file is closed again before the next one, so
-the pages of a tensor leave the process once its κ is known. Keeping one handle open for the
-whole scan would leave every page read so far resident, and the process would grow to the size of
-the checkpoint. Peak memory is therefore about one tensor plus its float64 working copy
-(:mod:`kappatune.kappa` upcasts chunk by chunk), whatever the size of the checkpoint.
+Memory and speed
+----------------
+Each file is opened once: its header is parsed once (``safetensors`` validates it) and one file
+descriptor is kept for all its tensors. A tensor is read on its own with ``pread`` into a buffer
+of exactly its size, nothing is memory-mapped, so no page of the file stays in the process once
+the tensor's κ is known. Peak memory is therefore about one tensor plus its float64 working copy
+(:mod:`kappatune.kappa` upcasts chunk by chunk), whatever the size of the checkpoint, and a file of
+thousands of tensors is not re-opened (and its header re-parsed) for every one of them.
+
+Only regular files are read: a FIFO or a device given as a checkpoint is refused rather than
+waited on, and the shard names in an index must lie inside the index's folder.
 
 Names, digests and the cache
 ----------------------------
@@ -39,11 +42,17 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+import stat
+import struct
+import sys
+import threading
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -87,7 +96,21 @@ def checkpoint_layout(name: str, shape: Sequence[int]) -> str:
     return default_layout(name, shape)
 
 
+def _check_regular(path: Path, what: str = "file") -> None:
+    """Refuse what is not a regular file (a FIFO would block the reader forever)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a {what}; pass the .safetensors file itself "
+                              "(save a stream to a file first)")
+
+
 def _safe_open(path: Path):
+    _check_regular(path, "safetensors file")
     try:
         from safetensors import safe_open
     except ImportError:  # pragma: no cover - safetensors is a dependency of the cli extra
@@ -107,14 +130,31 @@ def _safe_open(path: Path):
         raise CheckpointError(f"{path}: not a valid safetensors file ({e}){hint}") from None
 
 
-def _read_index(index: Path) -> List[Path]:
+def _index_weight_map(index: Path) -> Dict[str, str]:
+    """The ``weight_map`` of an index file, checked: an object of name → shard file name, not empty,
+    every shard a plain relative path inside the index's folder."""
+    _check_regular(index, "checkpoint index")
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{index}: cannot read the checkpoint index ({e})") from None
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map' object of name -> shard file)")
+    if not wm:
+        raise CheckpointError(f"{index}: the index's weight_map is empty (it names no tensor); "
+                              "the checkpoint is incomplete")
+    for shard in dict.fromkeys(wm.values()):
+        parts = PurePosixPath(shard.replace("\\", "/")).parts
+        if (not shard or PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute()
+                or PureWindowsPath(shard).drive or ".." in parts):
+            raise CheckpointError(f"{index}: shard {shard!r} is outside the checkpoint folder; an index may only "
+                                  "name files next to it (is the index tampered with?)")
+    return wm
+
+
+def _read_index(index: Path) -> List[Path]:
+    wm = _index_weight_map(index)
     shards = [index.parent / f for f in dict.fromkeys(wm.values())]
     missing = [str(s.name) for s in shards if not s.is_file()]
     if missing:
@@ -127,10 +167,13 @@ def _resolve_one(path: Path) -> Tuple[List[Path], List[Path]]:
     """(safetensors files, index files) for one user-given path."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        _check_regular(path, "safetensors file or index")
     if path.is_dir():
         if (path / INDEX_NAME).is_file():
             return _read_index(path / INDEX_NAME), [path / INDEX_NAME]
-        if (path / WEIGHTS_NAME).is_file():
+        if (path / WEIGHTS_NAME).exists():
+            _check_regular(path / WEIGHTS_NAME, "safetensors file")
             return [path / WEIGHTS_NAME], []
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if len(indexes) == 1:
@@ -181,11 +224,91 @@ def checkpoint_files(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List
     return _resolve(path_or_paths)[0]
 
 
-def _loader(path: Path, name: str) -> Callable[[], torch.Tensor]:
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                 "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class _File:
+    """One safetensors file, opened once: its header parsed once, one descriptor for all its tensors.
+
+    :meth:`read` takes one tensor with ``pread`` into a buffer of its size (no memory map, so the
+    file's pages never stay in the process). Safe to share between threads and forked processes
+    (``pread`` has no shared file position).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: Optional[int] = None
+        self._offsets: Dict[str, Tuple[str, Tuple[int, ...], int, int]] = {}
+        self._lock = threading.Lock()
+
+    def _open(self) -> int:
+        with self._lock:
+            if self._fd is not None:
+                return self._fd
+            _check_regular(self.path, "safetensors file")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, 8, 0)
+                (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+                if not 0 < n <= min(size - 8, 100 * 1024 * 1024):
+                    raise CheckpointError(f"{self.path}: not a valid safetensors file (header size {n})")
+                header = json.loads(os.pread(fd, n, 8))
+                start = 8 + n
+                for name, info in header.items():
+                    if name == "__metadata__":
+                        continue
+                    b, e = (int(x) for x in info["data_offsets"])
+                    if not 0 <= b <= e <= size - start:
+                        raise CheckpointError(f"{self.path}: tensor {name!r} lies outside the file")
+                    self._offsets[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]), start + b, e - b)
+            except CheckpointError:
+                os.close(fd)
+                raise
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                os.close(fd)
+                raise CheckpointError(f"{self.path}: not a valid safetensors file ({e})") from None
+            self._fd = fd
+            return fd
+
+    def read(self, name: str) -> torch.Tensor:
+        fd = self._open()
+        code, shape, offset, nbytes = self._offsets[name]
+        dtype = getattr(torch, _TORCH_DTYPES.get(code, ""), None)
+        if not isinstance(dtype, torch.dtype) or sys.byteorder != "little":  # rare: through safetensors
+            with _safe_open(self.path) as f:
+                return f.get_tensor(name)
+        if nbytes != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {nbytes} bytes, not shape {shape} of {code}")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done) if hasattr(os, "preadv") else None
+            if got is None:  # pragma: no cover - platforms without preadv
+                chunk = os.pread(fd, nbytes - done, offset + done)
+                view[done:done + len(chunk)] = chunk
+                got = len(chunk)
+            if got == 0:
+                raise CheckpointError(f"{self.path}: the file ends inside tensor {name!r} (truncated?)")
+            done += got
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _loader(file: "_File", name: str) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        # A fresh handle per tensor: the mapping goes away with the tensor (see the module docstring).
-        with _safe_open(path) as f:
-            return f.get_tensor(name)
+        return file.read(name)  # the file's one descriptor (see the module docstring)
 
     return load
 
@@ -201,11 +324,12 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
     files, indexes = _resolve(path_or_paths)
     expected: Dict[str, Tuple[str, Path]] = {}
     for idx in indexes:
-        for name, shard in json.loads(idx.read_text(encoding="utf-8"))["weight_map"].items():
+        for name, shard in _index_weight_map(idx).items():
             expected[name] = (shard, idx)
     refs: List[TensorRef] = []
     where: Dict[str, Path] = {}
     for path in files:
+        handle = _File(path)
         with _safe_open(path) as f:
             for name in f.keys():
                 if name in where:
@@ -216,7 +340,7 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
                 shape = tuple(int(s) for s in sl.get_shape())
                 code = sl.get_dtype()
                 dtype, floating = _DTYPES.get(code, (code.lower(), False))
-                refs.append(TensorRef(name=name, shape=shape, dtype=dtype, load=_loader(path, name),
+                refs.append(TensorRef(name=name, shape=shape, dtype=dtype, load=_loader(handle, name),
                                       layout=checkpoint_layout(name, shape), floating=floating))
     for name, (shard, idx) in expected.items():
         if name not in where:

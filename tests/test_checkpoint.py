@@ -107,29 +107,84 @@ def test_filters_and_non_float_tensors(tmp_path):
                                 "layers.1.up_proj.weight", "experts"}
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_one_tensor_mapped_at_a_time(tmp_path):
-    """The file is mapped only while one tensor is in use: memory does not grow with the checkpoint."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps and /proc/self/fd")
+def test_file_opened_once_and_never_mapped(tmp_path, monkeypatch):
+    """Each file is opened once for all its tensors (not once per tensor), and no page of it is mapped
+    into the process, before, during or after a tensor is read: memory does not grow with the checkpoint."""
+    import safetensors
+
     path = tmp_path / "model.safetensors"
-    safetensors_torch.save_file({k: v.contiguous() for k, v in Net().state_dict().items()}, str(path))
+    sd = {k: v.contiguous() for k, v in Net().state_dict().items()}
+    sd.update({f"extra.{i}.weight": torch.randn(4, 3) for i in range(40)})
+    safetensors_torch.save_file(sd, str(path))
 
     def mapped():
         with open("/proc/self/maps") as f:
             return sum(1 for line in f if line.rstrip().endswith(str(path)))
 
+    def fds():
+        d = "/proc/self/fd"
+        return sum(1 for fd in os.listdir(d) if os.path.realpath(os.path.join(d, fd)) == str(path.resolve()))
+
+    opens = []
+    real_safe_open, real_os_open = safetensors.safe_open, os.open
+    monkeypatch.setattr(safetensors, "safe_open", lambda p, *a, **kw: (opens.append(p), real_safe_open(p, *a, **kw))[1])
+    monkeypatch.setattr(os, "open", lambda p, *a, **kw: (opens.append(os.fspath(p)) if os.fspath(p) == str(path)
+                                                          else None, real_os_open(p, *a, **kw))[1])
     seen = []
     refs = checkpoint_refs(path)
     for r in refs:
         def load(orig=r.load):
             before = mapped()
             t = orig()
-            seen.append((before, mapped()))
+            seen.append((before, mapped(), fds()))
             return t
         r.load = load
     table = scan_refs(refs, cache=tmp_path / "c", progress=False)
-    assert len(seen) == len(table) > 3
-    assert all(before == 0 and during >= 1 for before, during in seen), seen
+    monkeypatch.undo()
+    assert len(seen) == len(table) > 40
+    assert all(before == 0 and during == 0 and n_fd == 1 for before, during, n_fd in seen), seen
     assert mapped() == 0
+    assert len([p for p in opens if os.fspath(p) == str(path)]) <= 2  # the header once, the data once
+    assert table.kappas == scan_checkpoint(path, cache=False, progress=False).kappas
+    ref = kappatune.scan({k: v for k, v in sd.items()}, cache=False, progress=False)
+    assert all(table[e.name].kappa == e.kappa for e in ref)  # bit for bit the tensors of the file
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_or_device_is_refused_not_waited_on(tmp_path):
+    import signal
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked on the FIFO")))
+    signal.alarm(5)
+    try:
+        with pytest.raises(CheckpointError, match="is a FIFO"):
+            checkpoint_refs(fifo)
+        with pytest.raises(CheckpointError, match="is a FIFO"):
+            checkpoint_refs(tmp_path)  # the folder's model.safetensors
+        with pytest.raises(CheckpointError, match="is a device"):
+            checkpoint_refs("/dev/zero")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_index_shards_outside_the_folder_and_empty_indexes_are_refused(tmp_path):
+    ckpt = _save_sharded(Net(), tmp_path / "ckpt")
+    elsewhere = _save_sharded(Net(), tmp_path / "elsewhere")
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in ["../elsewhere/model-00001-of-00002.safetensors", str(elsewhere / "model-00001-of-00002.safetensors"),
+                  "sub/../../elsewhere/model-00001-of-00002.safetensors"]:
+        bad = {**index, "weight_map": {k: shard for k in index["weight_map"]}}
+        index_path.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+            checkpoint_refs(ckpt)
+    index_path.write_text(json.dumps({**index, "weight_map": {}}))
+    with pytest.raises(CheckpointError, match="weight_map is empty"):
+        checkpoint_refs(ckpt)
 
 
 def test_layout_rule():
