@@ -9,30 +9,80 @@ with :math:`\\sigma_{\\min}` the smallest of its :math:`\\min(m, n)` singular va
 Method
 ------
 Only the two extreme singular values are needed, so kappatune never computes singular
-vectors. For every matrix it forms the Gram matrix of the short side in float64,
-:math:`G = W W^\\top` (or :math:`W^\\top W`), whose eigenvalues are :math:`\\sigma_i^2`, and
-takes the extremes of its eigenvalues (LAPACK ``dsyevd``; on the CPU through numpy, whose
-``W @ W.T`` is a symmetric rank-k update at half the flops of a general product):
-:math:`\\kappa = \\sqrt{\\lambda_{\\max}(G) / \\lambda_{\\min}(G)}`.
+vectors. Every matrix is upcast to float64 and its short-side Gram matrix formed,
+:math:`G = W W^\\top` (or :math:`W^\\top W`), whose eigenvalues are :math:`\\sigma_i^2` (on the
+CPU through numpy, whose ``W @ W.T`` is a symmetric rank-k update, BLAS ``dsyrk``, at half the
+flops of a general product). Then :math:`\\kappa = \\sqrt{\\lambda_{\\max}(G) / \\lambda_{\\min}(G)}`
+with the two extreme eigenvalues found by one of these, in this order:
 
-Forming :math:`G` squares the condition number, so rounding perturbs
-:math:`\\lambda_{\\min}` by roughly :math:`c\\,\\varepsilon\\,\\lambda_{\\max}` and the relative
-error of :math:`\\kappa` is about :math:`\\tfrac12 c\\,\\varepsilon\\,\\kappa^2`
-(:math:`\\varepsilon = 2.2\\cdot10^{-16}`, :math:`c = \\sqrt{\\max(m,n)}` for the accumulated
-rounding of the Gram product). Whenever that estimate exceeds ``1e-7``, or the Gram matrix is
-numerically singular, the matrix is recomputed with a values-only float64 SVD (LAPACK
-``dgesdd`` through numpy on the CPU, ``torch.linalg.svdvals`` elsewhere),
-whose relative error on :math:`\\sigma_{\\min}` is about :math:`\\varepsilon\\,\\kappa`.
+1. **Dense** (CPU default; every side up to 96 everywhere): all eigenvalues of :math:`G`
+   (LAPACK ``dsyevd``: through numpy's OpenBLAS for sides below 1024, torch's MKL from 1024).
+2. **Certified extremes** (default off the CPU for sides above 96; on the CPU below
+   ``_CERTIFIED_MAX_SHORT_CPU``, 0 by default because measured slower there, see below).
+   :math:`\\lambda_{\\max}`: block Lanczos on :math:`G` (block 8, full reorthogonalisation,
+   Rayleigh–Ritz on the whole basis at dimensions 24, 48, 96, …) gives a Ritz value
+   :math:`\\theta \\le \\lambda_{\\max}`; the Cholesky factorisation of
+   :math:`\\theta(1+\\tau) I - G` succeeding proves :math:`\\lambda_{\\max} < \\theta(1+\\tau)`
+   (Sylvester's law of inertia: a symmetric matrix with a Cholesky factor has no eigenvalue
+   :math:`\\le 0`). :math:`\\lambda_{\\min}`: Cholesky :math:`G = L L^\\top`, block Lanczos on
+   :math:`G^{-1}` (two triangular solves with :math:`L` per block) gives
+   :math:`u = 1/\\theta' \\ge \\lambda_{\\min}`; the Cholesky factorisation of
+   :math:`G - u(1-\\tau) I` succeeding proves :math:`\\lambda_{\\min} > u(1-\\tau)`. With
+   :math:`\\tau = 4\\cdot10^{-7}` both extremes are certified to :math:`\\tau` relative, so
+   :math:`\\sqrt{\\theta / u}` is within :math:`\\tau` of the κ of :math:`G`. The iteration stops
+   when the Kato–Temple estimate :math:`\\rho^2/\\mathrm{gap}` of its Ritz value (``ρ`` the residual
+   norm, ``gap`` to the next Ritz value) is below :math:`4\\cdot10^{-8}` relative; it gives up at a
+   basis of max(96, a quarter of the side) (sides up to 192: the whole space, where the Ritz values
+   are the eigenvalues). A certificate that fails or an iteration that gives up sends
+   the matrix to the dense method.
+3. **QR** (κ² too large for the Gram matrix, sides above 96): :math:`R` of the QR factorisation
+   of :math:`W^\\top` (or :math:`W`), so that :math:`G = R^\\top R` without forming it;
+   :math:`H = (R^\\top R)^{-1} = R^{-1} R^{-\\top}` (LAPACK ``potri``: triangular inverse and
+   product, accurate to about :math:`\\varepsilon\\,\\kappa`, not :math:`\\varepsilon\\,\\kappa^2`);
+   block Lanczos on :math:`H` for :math:`1/\\lambda_{\\min}`, certified by the Cholesky
+   factorisation of :math:`\\theta(1+\\tau) I - H`. :math:`\\lambda_{\\max}` comes from :math:`G`
+   (well conditioned at every κ). Its first-order error :math:`\\sqrt{\\max(m,n)}\\,\\varepsilon\\,\\kappa`
+   must stay below ``1e-7`` and κ below ``1e10``.
+4. **SVD** (last resort: κ beyond the QR path, a failed QR certificate, rank deficiency, and
+   ill-conditioned matrices with sides up to 96): a values-only float64 SVD (LAPACK ``dgesdd``
+   through numpy on the CPU, ``torch.linalg.svdvals`` elsewhere), relative error on
+   :math:`\\sigma_{\\min}` about :math:`\\varepsilon\\,\\kappa`.
 
-**Guarantee**: the returned κ agrees with a float64 SVD (``numpy.linalg.svd``) to better than
-``1e-6`` relative for every κ up to ``1e6`` (and far beyond: the float64 SVD path is accurate
-to about ``1e-16 · κ``). The tests check this on matrices built with known singular values.
+The Gram matrix squares the condition number: rounding perturbs :math:`\\lambda_{\\min}` by
+roughly :math:`c\\,\\varepsilon\\,\\lambda_{\\max}` and the relative error of κ is about
+:math:`\\tfrac12 c\\,\\varepsilon\\,\\kappa^2` (:math:`\\varepsilon = 2.2\\cdot10^{-16}`,
+:math:`c = \\sqrt{\\max(m,n)}`). Methods 1–2 are used while that estimate is at most ``1e-7``
+(κ up to about 6000 for a side of 576, 4900 for 1536), method 3 above. The certificates are
+statements about the computed Gram matrix; the rounding of the factorisations is a backward
+error of the same order as that of the Gram product and is covered by the same estimate.
+
+Why the dense method is the CPU default: on the reference machine (``benchmarks/kappa_paths.py``,
+results in ``benchmarks/results/kappa_paths/``) LAPACK's ``dsyevd`` of a 576² Gram matrix costs
+about six Cholesky factorisations, and MKL's of a 2048² one about two and a half; the certified
+extremes need three factorisations plus the Lanczos iterations (dozens of block steps on the
+Marchenko–Pastur spectra of random initialisations), so they cost more. On a GPU the
+tridiagonalisation behind ``eigvalsh`` is the slow operation and factorisations are cheap.
+
+Extreme magnitudes: a Gram diagonal (a squared row norm) outside :math:`[2^{-600}, 2^{600}]` —
+weights above about 1e154 or below 1e-154 — makes kappatune rescale the matrix by an exact power
+of two first (κ unchanged, σ scaled back exactly), so an orthogonal matrix times 1.5e308 does not
+overflow and a matrix of 1e-161 does not lose digits to a subnormal Gram matrix.
+
+**Guarantee**: for every finite float64 input, the returned κ agrees with a float64 SVD
+(``numpy.linalg.svd``) to better than ``1e-6`` relative for every κ up to ``1e6`` (and beyond:
+the SVD path is accurate to about ``1e-16 · κ``). The tests check this on matrices built with
+known singular values for every method, with clustered and repeated extremes, κ on both sides of
+each switch point, and tiny and huge magnitudes.
 
 Rank-deficient matrices (:math:`\\sigma_{\\min} \\le \\sigma_{\\max}\\,\\max(m,n)\\,\\varepsilon`,
 numpy's ``matrix_rank`` tolerance in float64) and all-zero matrices get ``κ = inf``. The test is
 on the values as stored: a low-rank product rounded to float32 or bf16 is, as stored, full rank
 with a very large but finite κ. Weights holding NaN
 or Inf raise :class:`ValueError` naming the tensor.
+
+The Lanczos start block is fixed (generated on the CPU from a fixed seed), so κ does not depend
+on any random state: repeated runs give the same bits, and a matrix in a stack or alone gets the
+same κ up to the rounding of batched BLAS calls (about 1e-15 relative).
 
 Layouts
 -------
@@ -48,7 +98,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,10 +110,40 @@ __all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "
 Aggregate = Literal["mean", "max"]
 
 _EPS64 = torch.finfo(torch.float64).eps
-# Relative-error budget of the Gram path; above it the exact float64 SVD path is taken.
+# Relative-error budget of the Gram path (first-order rounding estimate ½·sqrt(max(m, n))·ε·κ²);
+# above it the QR path is taken.
 _GRAM_REL_ERR_BUDGET = 1e-7
+# Relative-error budget of the QR path (sqrt(max(m, n))·ε·κ); above it, or for κ beyond
+# _SVD_KAPPA, the float64 SVD (last resort; it also decides rank deficiency).
+_QR_REL_ERR_BUDGET = 1e-7
+_SVD_KAPPA = 1e10
+# Relative width of each certificate: λ_max ∈ [θ, θ(1+τ)] and λ_min ∈ [u(1−τ), u].
+_CERT_TAU = 4e-7
+# The Krylov iteration stops when its error estimate is below this fraction of the eigenvalue.
+_KRYLOV_TOL = 4e-8
+# Block size of the block Krylov iteration, its Rayleigh–Ritz checkpoints (basis dimensions
+# 24, 48, 96, …) and the largest basis before it gives up: the whole space for sides up to 192,
+# else max(96, a quarter of the side) (then the dense eigen-decomposition takes over).
+_BLOCK = 8
+_FIRST_CHECK = 24
+_MAX_BASIS_FRACTION = 0.25
+# Which method finds the extreme eigenvalues of a Gram matrix of side s (switch points measured
+# on the CPU, 1 thread; see benchmarks/results/kappa_paths):
+# * s <= _DENSE_SHORT: the dense eigen-decomposition (LAPACK dsyevd, all eigenvalues);
+# * otherwise the certified extremes (Cholesky + block Lanczos + Sylvester-inertia certificates)
+#   up to _CERTIFIED_MAX_SHORT_CPU on the CPU (any size on other devices), and the dense
+#   eigen-decomposition beyond, where MKL's dsyevd (torch) is cheaper than three Cholesky factorisations.
+# On the CPU the dense eigen-decomposition runs through numpy (OpenBLAS) up to
+# _TORCH_EIGVALSH_MIN_CPU and through torch (MKL) from there on.
+_DENSE_SHORT = 96
+_CERTIFIED_MAX_SHORT_CPU = 0
+_TORCH_EIGVALSH_MIN_CPU = 1024
 # Gram workspace per chunk when analysing a stack of matrices (bytes).
 _CHUNK_BYTES = 256 * 1024 * 1024
+# Gram diagonals (squared row norms) outside [2^-_SCALE_EXP, 2^_SCALE_EXP] trigger an exact
+# power-of-two rescaling of the matrix first (no overflow to inf, no subnormal Gram entries).
+_SCALE_EXP = 600
+_START_SEED = 0x6B61707061  # fixed start block: κ is a deterministic function of the matrix
 
 
 @dataclass(frozen=True)
@@ -91,11 +171,12 @@ def _raise_non_finite(t: torch.Tensor, name: str) -> None:
 
 
 def _numpy_linalg(a: torch.Tensor) -> bool:
-    """Whether the float64 linear algebra of ``a`` runs through numpy's LAPACK (CPU tensors) or torch."""
+    """Whether the Gram product, dense eigvalsh and SVD of ``a`` run through numpy's LAPACK (CPU) or torch."""
     return a.device.type == "cpu"
 
 
 def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """σ_max, σ_min of every matrix of ``a`` (B, m, n) by a values-only float64 SVD (the last resort)."""
     if _numpy_linalg(a):
         # LAPACK's dgesdd through numpy, values only: it reduces a wide/tall matrix by QR first,
         # about 2x faster than torch.linalg.svdvals for 576x1536 (same float64 accuracy).
@@ -105,31 +186,20 @@ def _extremes_from_svdvals(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
     return s[..., 0], s[..., -1]
 
 
-def _gram_eigvalsh(a: torch.Tensor) -> Optional[torch.Tensor]:
-    """Eigenvalues (ascending) of the short-side Gram matrix of every matrix in ``a`` (B, m, n).
-
-    ``None`` when a Gram diagonal is not finite. Every weight enters one diagonal entry
-    (:math:`G_{ii} = \\sum_j W_{ij}^2`), so this is how a NaN/Inf weight shows up, at no cost: the
-    caller then tells a non-finite weight from a square that overflowed float64 (|w| > 1e154).
-    """
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """The short-side Gram matrices ``W Wᵀ`` (m ≤ n) or ``Wᵀ W`` of a float64 batch (B, m, n)."""
     m, n = a.shape[-2], a.shape[-1]
     if not _numpy_linalg(a):
-        gram = a @ a.mT if m <= n else a.mT @ a
-        if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
-            return None
-        return torch.linalg.eigvalsh(gram)
+        return a @ a.mT if m <= n else a.mT @ a
     # On the CPU numpy's ``x @ x.T`` is a symmetric rank-k update (BLAS dsyrk: half the flops of
-    # the general product torch runs) and its eigvalsh is faster too; same float64 arithmetic.
+    # the general product torch runs); same float64 arithmetic.
     an = a.numpy()
     short = min(m, n)
-    ev = np.empty((an.shape[0], short), dtype=np.float64)
+    out = np.empty((an.shape[0], short, short), dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite Grams are handled by the caller
         for i, x in enumerate(an):
-            gram = x @ x.T if m <= n else x.T @ x
-            if not np.isfinite(gram.diagonal()).all():
-                return None
-            ev[i] = np.linalg.eigvalsh(gram)
-    return torch.from_numpy(ev)
+            out[i] = x @ x.T if m <= n else x.T @ x
+    return torch.from_numpy(out)
 
 
 class _NonFiniteWeights(ValueError):
@@ -143,29 +213,229 @@ def _kappa_from_extremes(smax: torch.Tensor, smin: torch.Tensor, m: int, n: int)
     return torch.where(deficient, torch.full_like(kappa, math.inf), kappa)
 
 
-def _matrices_kappa(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """κ, σ_max, σ_min of a float64 batch ``(B, m, n)``; returns float64 tensors of shape ``(B,)``."""
+def _start_block(n: int, p: int, like: torch.Tensor) -> torch.Tensor:
+    # The same start block for every matrix and on every device (generated on the CPU), so that
+    # κ of a matrix does not depend on its batch, its chunk or where it is computed. Rows are vectors.
+    gen = torch.Generator().manual_seed(_START_SEED)
+    x = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    return torch.linalg.qr(x).Q.mT.contiguous().to(like.device)
+
+
+def _orthonormal_next(w: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning the rows of ``w`` (B, p, n) minus their projection on the rows of
+    ``basis`` (B, k, n), refilled with fresh directions where the Krylov space is exhausted."""
+    for _ in range(2):  # classical Gram–Schmidt twice ("twice is enough"): full reorthogonalisation
+        w = w - (w @ basis.mT) @ basis
+    q, r = torch.linalg.qr(w.mT)
+    weak = r.diagonal(dim1=-2, dim2=-1).abs() <= 1e-10 * scale[:, None]
+    if bool(weak.any()):  # an invariant subspace was found: continue with fresh random directions
+        gen = torch.Generator().manual_seed(_START_SEED + basis.shape[-2])
+        fresh = torch.randn(w.shape[-1], w.shape[-2], generator=gen, dtype=w.dtype).to(w.device)
+        v = torch.where(weak[:, None, :], fresh.expand_as(q), q).mT
+        for _ in range(2):
+            v = v - (v @ basis.mT) @ basis
+        q = torch.linalg.qr(v.mT).Q
+    return q.mT
+
+
+def _krylov_max(apply: Callable[[torch.Tensor], torch.Tensor], b: int, n: int, like: torch.Tensor,
+                tol: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Largest eigenvalue of the symmetric positive semi-definite operator ``apply`` of each of ``b``
+    problems of size ``n``: block Lanczos (block ``_BLOCK``, full reorthogonalisation) with
+    Rayleigh–Ritz on the whole basis at dimensions 48, 96, 192, … ``apply`` maps a block of row
+    vectors ``X`` (B, p, n) to ``X A`` (= ``(A Xᵀ)ᵀ``, A symmetric).
+
+    Returns ``(theta, converged)``. ``theta`` is the largest Ritz value, a Rayleigh quotient, so
+    ``theta ≤ λ_max`` up to rounding. ``converged`` when the Kato–Temple-type estimate
+    ``ρ²/gap`` (``ρ`` the residual norm of the Ritz pair, ``gap`` to the next Ritz value; ``ρ`` if the
+    gap is smaller) is below ``tol·theta``, or the basis spans the whole space. The estimate only
+    decides when to stop: the bound used is certified by the caller (Cholesky of ``aI − A``).
+    """
+    tol = _KRYLOV_TOL if tol is None else tol
+    p = min(_BLOCK, n)
+    limit = n if n <= 8 * _FIRST_CHECK else max(4 * _FIRST_CHECK, int(_MAX_BASIS_FRACTION * n))
+    limit = max(p, (limit // p) * p) if limit < n else n
+    qs = torch.empty(b, limit, n, dtype=torch.float64, device=like.device)
+    aqs = torch.empty_like(qs)
+    qs[:, :p] = _start_block(n, p, like)
+    aqs[:, :p] = apply(qs[:, :p])
+    scale = aqs[:, :p].norm(dim=(-2, -1)).clamp_min(1e-300)
+    k, check = p, min(_FIRST_CHECK, limit)
+    while True:
+        while k < check:
+            step = min(p, check - k)
+            nxt = _orthonormal_next(aqs[:, k - p:k - p + step], qs[:, :k], scale)
+            qs[:, k:k + step] = nxt
+            aqs[:, k:k + step] = apply(nxt)
+            k += step
+        q, aq = qs[:, :k], aqs[:, :k]
+        t = q @ aq.mT
+        evals, evecs = torch.linalg.eigh(0.5 * (t + t.mT))
+        theta = evals[..., -1]
+        if k >= n:
+            return theta, torch.ones_like(theta, dtype=torch.bool)
+        y = evecs[..., -1:].mT  # (B, 1, k)
+        rho = (y @ aq - theta[:, None, None] * (y @ q)).norm(dim=(-2, -1))
+        gap = theta - evals[..., -2]
+        err = torch.where(gap > rho, rho * rho / gap.clamp_min(1e-300), rho)
+        converged = err <= tol * theta.abs()
+        if bool(converged.all()) or k >= limit:
+            return theta, converged
+        check = min(2 * check, limit)
+
+
+def _chol_inverse_apply(chol: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``X ↦ X (L Lᵀ)⁻¹`` for row blocks X, by two triangular solves with the Cholesky factor L."""
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        z = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)   # z Lᵀ = x
+        return torch.linalg.solve_triangular(chol, z, upper=False, left=False)  # y L = z
+    return apply
+
+
+def _cholesky_ok(mat: torch.Tensor) -> torch.Tensor:
+    """Whether each matrix of the batch is numerically positive definite (Cholesky succeeds)."""
+    return torch.linalg.cholesky_ex(mat).info == 0
+
+
+def _shifted(g: torch.Tensor, diag_add: torch.Tensor, sign: float) -> torch.Tensor:
+    """``sign·G + diag_add·I`` for a batch (``diag_add`` of shape (B,))."""
+    out = g * sign if sign != 1.0 else g.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(diag_add[:, None])
+    return out
+
+
+def _dense_gram_extremes(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """λ_min, λ_max from the full eigen-decomposition of the Gram matrices (small sides, fallback)."""
+    if _numpy_linalg(g) and g.shape[-1] < _TORCH_EIGVALSH_MIN_CPU:
+        ev = torch.from_numpy(np.linalg.eigvalsh(g.numpy()))
+    else:
+        ev = torch.linalg.eigvalsh(g)
+    return ev[..., 0], ev[..., -1]
+
+
+def _gram_est_err(kappa_hat: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    # First-order error of κ from the Gram path: ½·c·ε·κ², c = sqrt(max(m, n)).
+    return 0.5 * math.sqrt(max(m, n)) * _EPS64 * kappa_hat.square()
+
+
+def _qr_extremes(a: torch.Tensor, lmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """σ_min of each matrix from the triangular factor R of its QR (κ not squared); ``ok`` marks
+    those whose certificate holds and whose κ is within the QR path's budget."""
     m, n = a.shape[-2], a.shape[-1]
-    ev = _gram_eigvalsh(a)
-    if ev is None:
-        if not bool(torch.isfinite(a).all()):  # on the float64 copy: works for every dtype (float8 too)
-            raise _NonFiniteWeights
-        smax, smin = _extremes_from_svdvals(a)  # finite, but squares overflow: LAPACK's SVD rescales
-        return _kappa_from_extremes(smax, smin, m, n), smax, smin
-    lmin, lmax = ev[..., 0], ev[..., -1]
+    r = torch.linalg.qr(a.mT if m <= n else a, mode="r").R  # W Wᵀ = Rᵀ R (m ≤ n) or Wᵀ W = Rᵀ R
+    b, s = r.shape[0], r.shape[-1]
+    diag = r.diagonal(dim1=-2, dim2=-1).abs()
+    usable = (diag.amin(-1) > 0) & torch.isfinite(diag).all(-1)
+    h = torch.cholesky_inverse(torch.where(usable[:, None, None], r, torch.eye(s, dtype=r.dtype, device=r.device)),
+                               upper=True)  # H = (Rᵀ R)⁻¹ = R⁻¹ R⁻ᵀ, never forming Rᵀ R
+    usable &= torch.isfinite(h).flatten(1).all(-1)
+    h = torch.where(usable[:, None, None], h, torch.eye(s, dtype=h.dtype, device=h.device))
+    mu, _ = _krylov_max(lambda x: x @ h, b, s, h)
+    ok = usable & _cholesky_ok(_shifted(h, mu * (1 + _CERT_TAU), -1.0))
+    lmin = 1.0 / mu
+    kappa_hat = (lmax / lmin).sqrt()
+    ok &= (math.sqrt(max(m, n)) * _EPS64 * kappa_hat <= _QR_REL_ERR_BUDGET) & (kappa_hat <= _SVD_KAPPA)
+    return lmin, ok
+
+
+def _use_certified(g: torch.Tensor) -> bool:
+    s = g.shape[-1]
+    return s > _DENSE_SHORT and (not _numpy_linalg(g) or s <= _CERTIFIED_MAX_SHORT_CPU)
+
+
+def _certified_gram_extremes(g: torch.Tensor, m: int, n: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """λ_min, λ_max of each Gram matrix by the certified extremes: ``(lmin, lmax, ok, dense)``.
+
+    ``ok``: both bounds are certified (λ_max ∈ [θ, θ(1+τ)] by the Cholesky factorisation of
+    θ(1+τ)I − G, λ_min ∈ [u(1−τ), u] by that of G − u(1−τ)I) and the Gram matrix is accurate
+    enough for κ. ``dense``: an iteration did not converge or a certificate failed; those go to
+    the dense eigen-decomposition. The rest (G not numerically positive definite, κ² too large
+    for the Gram matrix) keep a certified λ_max and go to the QR path.
+    """
+    b, s = g.shape[0], g.shape[-1]
+    # λ_max: block Lanczos on G (θ ≤ λ_max), certified by Cholesky of θ(1+τ)I − G.
+    lmax, conv_max = _krylov_max(lambda x: x @ g, b, s, g)
+    cert_max = conv_max & _cholesky_ok(_shifted(g, lmax * (1 + _CERT_TAU), -1.0))
+    # λ_min: block Lanczos on G⁻¹ through the Cholesky factor of G (u = 1/θ ≥ λ_min).
+    chol, info = torch.linalg.cholesky_ex(g)
+    pd = info == 0
+    lmin = torch.full((b,), math.nan, dtype=g.dtype, device=g.device)
+    conv_min = torch.zeros(b, dtype=torch.bool, device=g.device)
+    if bool(pd.any()):
+        idx = pd.nonzero().squeeze(1)
+        mu, conv = _krylov_max(_chol_inverse_apply(chol if len(idx) == b else chol[idx]), len(idx), s, g)
+        lmin = lmin.index_copy(0, idx, 1.0 / mu)
+        conv_min = conv_min.index_copy(0, idx, conv)
+    del chol
+    gram_fits = pd & (_gram_est_err((lmax / lmin).sqrt(), m, n) <= _GRAM_REL_ERR_BUDGET)
+    ok = gram_fits & conv_min & cert_max
+    if bool(ok.any()):
+        idx = ok.nonzero().squeeze(1)
+        g_ok = g if len(idx) == b else g[idx]
+        ok = ok.index_put((idx,), _cholesky_ok(_shifted(g_ok, -lmin[idx] * (1 - _CERT_TAU), 1.0)))
+    dense = ~cert_max | (gram_fits & ~ok)
+    return lmin, lmax, ok, dense
+
+
+def _extremes(a: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """σ_max, σ_min of a finite, well-scaled float64 batch ``a`` (B, m, n) with Gram matrices ``g``."""
+    m, n = a.shape[-2], a.shape[-1]
+    b = g.shape[0]
+    if _use_certified(g):
+        lmin, lmax, gram_ok, dense = _certified_gram_extremes(g, m, n)
+        if bool(dense.any()):  # the previous method: all eigenvalues of those Gram matrices
+            idx = dense.nonzero().squeeze(1)
+            lo, hi = _dense_gram_extremes(g[idx])
+            lmax = lmax.index_copy(0, idx, hi)
+            lmin = lmin.index_copy(0, idx, lo)
+            kh = (hi.clamp_min(0) / lo.clamp_min(0)).sqrt()
+            gram_ok = gram_ok.index_put((idx,), _gram_est_err(kh, m, n) <= _GRAM_REL_ERR_BUDGET)
+    else:
+        lmin, lmax = _dense_gram_extremes(g)
+        kh = (lmax.clamp_min(0) / lmin.clamp_min(0)).sqrt()
+        gram_ok = _gram_est_err(kh, m, n) <= _GRAM_REL_ERR_BUDGET  # False for NaN (λ_min <= 0)
+    redo = ~gram_ok
+    if bool(redo.any()) and min(m, n) > _DENSE_SHORT:
+        # κ² too large for the Gram matrix (or a failed λ_min certificate): the QR path, κ not squared.
+        idx = redo.nonzero().squeeze(1)
+        lo, qr_ok = _qr_extremes(a if len(idx) == b else a[idx], lmax[idx])
+        lmin = lmin.index_copy(0, idx, torch.where(qr_ok, lo, lmin[idx]))
+        redo = redo.index_put((idx,), ~qr_ok)
     smax = lmax.clamp_min(0).sqrt()
     smin = lmin.clamp_min(0).sqrt()
-    kappa_hat = smax / smin
-    # First-order error of κ from the Gram path: ½·c·ε·κ², c = sqrt(max(m, n)).
-    est_err = 0.5 * math.sqrt(max(m, n)) * _EPS64 * kappa_hat.square()
-    redo = ~(est_err <= _GRAM_REL_ERR_BUDGET)  # also catches NaN/inf from λ_min <= 0
     if bool(redo.any()):
         idx = redo.nonzero().squeeze(1)
-        # a[idx] would copy the float64 matrices: only when some of the stack took the Gram path.
+        # a[idx] would copy the float64 matrices: only when some of the stack needs the SVD.
         smax_e, smin_e = _extremes_from_svdvals(a if len(idx) == a.shape[0] else a[idx])
         smax = smax.index_copy(0, idx, smax_e)
         smin = smin.index_copy(0, idx, smin_e)
-    return _kappa_from_extremes(smax, smin, m, n), smax, smin
+    return smax, smin
+
+
+def _matrices_kappa(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """κ, σ_max, σ_min of a float64 batch ``(B, m, n)``; returns float64 tensors of shape ``(B,)``."""
+    m, n = a.shape[-2], a.shape[-1]
+    g = _gram(a)
+    # Every weight enters one diagonal entry (G_ii = Σ_j W_ij²): a NaN/Inf weight shows up here at no
+    # cost; so do magnitudes whose squares overflow (|w| > 1e154) or underflow (|w| < 1e-154).
+    d = g.diagonal(dim1=-2, dim2=-1)
+    dmax = d.amax(-1)
+    finite = bool(torch.isfinite(d).all())
+    shift = None
+    if not finite or bool(((dmax > 2.0 ** _SCALE_EXP) | (dmax < 2.0 ** -_SCALE_EXP)).any()):
+        if not finite and not bool(torch.isfinite(a).all()):  # on the float64 copy: every dtype (float8 too)
+            raise _NonFiniteWeights
+        # Exact power-of-two rescaling so that max|w| ∈ [0.5, 1): κ is unchanged, σ scale back exactly.
+        amax = a.abs().amax(dim=(-2, -1))
+        shift = torch.where(amax > 0, -torch.frexp(amax).exponent, torch.zeros_like(amax, dtype=torch.int32))
+        a = torch.ldexp(a, shift[:, None, None].to(a.dtype))
+        g = _gram(a)
+    smax, smin = _extremes(a, g)
+    kappa = _kappa_from_extremes(smax, smin, m, n)
+    if shift is not None:
+        back = (-shift).to(smax.dtype)
+        smax, smin = torch.ldexp(smax, back), torch.ldexp(smin, back)
+    return kappa, smax, smin
 
 
 def condition_numbers(stack: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
@@ -195,7 +465,7 @@ def _stack_extremes(stack: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch
         raise ValueError(f"{name}: cannot compute κ of an empty tensor of shape {tuple(stack.shape)}")
     dev = _compute_device(stack)
     short = min(m, n)
-    per_matrix_bytes = 8 * (m * n + 2 * short * short)
+    per_matrix_bytes = 8 * (m * n + 4 * short * short)  # the matrix, G, its factor, a shifted copy
     chunk = max(1, _CHUNK_BYTES // per_matrix_bytes)
     outs = []
     with torch.no_grad():
