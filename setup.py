@@ -30,7 +30,7 @@ setup(
     description="Selective full-weight fine-tuning: train only the lowest condition-number weight tensors",
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    license="Apache-2.0",  # an SPDX expression (PEP 639); no license classifier alongside it
+    license_expression="Apache-2.0",  # SPDX (PEP 639, setuptools >= 77); no license classifier alongside it
     packages=find_packages(include=["kappatune", "kappatune.*"]),
     package_data={"kappatune": ["py.typed"]},  # PEP 561: the package ships its type hints
     python_requires=">=3.9",
