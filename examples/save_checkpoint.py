@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -88,7 +89,11 @@ def save_checkpoint(model: torch.nn.Module, folder: Union[str, Path], dtype: Opt
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = plain_state_dict(model, dtype)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights = folder / "model.safetensors"
+    save_file(state, str(weights), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; give it the permissions of any new file
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         cfg = config.to_dict()

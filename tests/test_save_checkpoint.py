@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def test_tied_weights_written_once_and_reloaded_tied(tmp_path):
     assert len(keys) == len(set(keys))
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert back.lm_head.weight is back.model.embed_tokens.weight
