@@ -11,12 +11,47 @@ Example::
     >>> handle = kappatune.freeze_all_but(model, names)
 """
 
-from .cache import KappaCache, default_cache_dir, tensor_digest
-from .checkpoint import scan_checkpoint
-from .kappa import KappaResult, condition_number, condition_numbers, kappa_of
-from .optimizer import KappaTuneOptimizer, SelectiveFineTuningOptimizer
-from .scan import TensorRef, scan
-from .selection import FreezeHandle, KappaEntry, KappaTable, freeze_all_but
+import importlib as _importlib
+import sys as _sys
+import types as _types
+
+# The public names and the module that defines each. They are imported on first use (PEP 562), so
+# ``import kappatune`` and the ``kappatune`` command's ``--help`` do not import torch.
+_LAZY = {
+    "KappaCache": "cache", "default_cache_dir": "cache", "tensor_digest": "cache",
+    "scan_checkpoint": "checkpoint",
+    "KappaResult": "kappa", "condition_number": "kappa", "condition_numbers": "kappa", "kappa_of": "kappa",
+    "KappaTuneOptimizer": "optimizer", "SelectiveFineTuningOptimizer": "optimizer",
+    "TensorRef": "refs", "scan": "scan",
+    "FreezeHandle": "selection", "KappaEntry": "selection", "KappaTable": "selection",
+    "freeze_all_but": "selection",
+}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'kappatune' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{mod}", __name__), name)
+    _types.ModuleType.__setattr__(_sys.modules[__name__], name, value)
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(_types.ModuleType):
+    """Keeps ``kappatune.scan`` the function when the submodule ``kappatune.scan`` gets imported
+    (the import system would otherwise bind the module to the package attribute)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, _types.ModuleType):
+            return  # resolved by __getattr__ to the function of that name
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 
