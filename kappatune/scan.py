@@ -23,6 +23,8 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -30,7 +32,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,7 +45,7 @@ from .selection import KappaEntry, KappaTable, NameFilter, Patterns
 
 __all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "state_dict_refs", "resolve_cache", "CacheArg",
            "filter_refs", "lookup", "compute_local", "compute_sharded", "store", "build_table", "Looked",
-           "load_tensor", "aggregate_kappa"]
+           "load_tensor", "aggregate_kappa", "resolve_workers"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,23 +235,99 @@ def _kappa_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> KappaRes
     return kappa_of(t, name=ref.name, layout=ref.layout)  # type: ignore[arg-type]
 
 
-def compute_local(items: Iterable[Looked], *, bar: Any = None) -> Dict[str, KappaResult]:
-    """Step 3 in one process: κ of every item without a cached result, one tensor at a time.
+def resolve_workers(num_workers: Optional[int] = None) -> int:
+    """How many matrices :func:`compute_local` analyses at once.
+
+    ``None`` (default) uses the machine: ``torch.get_num_threads()``, which follows
+    ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` and is otherwise the number of cores.
+    """
+    if num_workers is None:
+        return max(1, torch.get_num_threads())
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be None or an int >= 1, got {num_workers!r}")
+    return num_workers
+
+
+@contextlib.contextmanager
+def _one_blas_thread_per_worker() -> Iterator[None]:
+    # Parallel over matrices, not inside them: torch's intra-op threads (OpenMP, MKL) and numpy's
+    # BLAS (OpenBLAS, through threadpoolctl) run one thread per worker while the workers run;
+    # both are restored afterwards. Measured (benchmarks/results/scan_speed): on these sizes
+    # 2 BLAS threads in one matrix are slower than 1, 2 matrices at once are about 2x faster.
+    prev = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # numpy's BLAS then keeps its own thread count
+        limits: Any = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=1, user_api="blas")
+    torch.set_num_threads(1)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Optional[int] = None
+                  ) -> Dict[str, KappaResult]:
+    """Step 3 in one process: κ of every item without a cached result.
+
+    With one worker the tensors are analysed one at a time (BLAS keeps its thread count). With
+    ``w > 1`` workers, ``w`` tensors are analysed at once by a thread pool (the linear algebra
+    releases the GIL), each with one BLAS thread, and at most ``2w`` tensors are in hand at a time,
+    so peak memory does not grow with the model. Each κ depends only on its own matrix: with one
+    BLAS thread either way the parallel results are bit for bit the serial ones.
 
     Args:
-        items (Iterable[Looked]): step 2's output (consumed lazily; cached items only advance ``bar``).
+        items (Iterable[Looked]): step 2's output (consumed lazily, in order; cached items only
+            advance ``bar``).
         bar: a ``tqdm`` bar to advance per tensor (default ``None``).
+        num_workers (Optional[int]): tensors analysed at once (default ``None``: :func:`resolve_workers`).
 
     Returns:
-        name → result of the computed items.
+        name → result of the computed items, in the order of ``items``.
     """
+    workers = resolve_workers(num_workers)
     out: Dict[str, KappaResult] = {}
-    for it in items:
-        if it.cached is None:
-            out[it.ref.name] = _kappa_of(it.ref, it.tensor)
-            it.tensor = None
+    if workers == 1:
+        for it in items:
+            if it.cached is None:
+                out[it.ref.name] = _kappa_of(it.ref, it.tensor)
+                it.tensor = None
+            if bar is not None:
+                bar.update(1)
+        return out
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: Deque[Tuple[str, Any]] = collections.deque()
+
+    def settle_first() -> None:
+        name, fut = pending.popleft()
+        if fut is not None:
+            out[name] = fut.result()
         if bar is not None:
             bar.update(1)
+
+    with _one_blas_thread_per_worker():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kappatune-scan")
+        try:
+            in_flight = 0
+            for it in items:
+                if it.cached is None:
+                    pending.append((it.ref.name, pool.submit(_kappa_of, it.ref, it.tensor)))
+                    it.tensor = None
+                    in_flight += 1
+                else:
+                    pending.append((it.ref.name, None))
+                while in_flight > 2 * workers or (pending and pending[0][1] is None):
+                    in_flight -= pending[0][1] is not None
+                    settle_first()
+            while pending:
+                settle_first()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
@@ -269,14 +347,14 @@ def _shard(names_costs: List[Tuple[str, int]], world: int) -> Dict[str, int]:
     return owner
 
 
-def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult], *, bar: Any = None
-                    ) -> Dict[str, KappaResult]:
+def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult], *, bar: Any = None,
+                    num_workers: Optional[int] = None) -> Dict[str, KappaResult]:
     """Step 3 over the ranks of the default process group: each rank computes its share.
 
     Every rank passes the refs it misses and the results it ``known`` (e.g. from its cache);
     the union of the missing ones is split by cost (longest first), each rank computes (or takes
     from ``known``) its share, and the results are gathered, so every rank returns κ of every
-    ref any rank missed.
+    ref any rank missed. ``num_workers`` as :func:`compute_local`, within each rank.
 
     Raises:
         RuntimeError: a rank was assigned a tensor it does not have (the ranks scan different models).
@@ -297,7 +375,8 @@ def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult],
         raise RuntimeError(f"rank {rank} was assigned {unknown[0]!r}, which it does not have; every rank "
                            "must scan the same set of tensors (scan before sharding the model with FSDP)")
     computed = {n: known[n] for n in mine if n in known}
-    computed.update(compute_local((Looked(by_name[n], None, None) for n in mine if n not in known), bar=bar))
+    computed.update(compute_local((Looked(by_name[n], None, None) for n in mine if n not in known), bar=bar,
+                                  num_workers=num_workers))
     gathered = [None] * world
     dist.all_gather_object(gathered, {n: dataclasses.astuple(r) for n, r in computed.items()})
     out: Dict[str, KappaResult] = {}
@@ -393,6 +472,7 @@ def scan(
     recompute: bool = False,
     aggregate: str = "mean",
     progress: Optional[bool] = None,
+    num_workers: Optional[int] = None,
 ) -> KappaTable:
     """κ of every eligible weight of ``model``, as a :class:`KappaTable` (lowest κ first).
 
@@ -412,6 +492,10 @@ def scan(
         aggregate (str): ``"mean"`` (default) or ``"max"`` over the matrices of a stacked 3-D parameter.
         progress (Optional[bool]): a ``tqdm`` bar (if installed): ``None`` (default) draws it only
             when stderr is a terminal, ``True`` always, ``False`` never.
+        num_workers (Optional[int]): matrices analysed at once, each with one BLAS thread
+            (default ``None``: ``torch.get_num_threads()``, i.e. ``torch.set_num_threads`` /
+            ``OMP_NUM_THREADS`` / the cores); ``1`` analyses one at a time with the BLAS threads as
+            set. The table does not depend on it (see :func:`compute_local`).
 
     Raises:
         ValueError: an invalid argument, or a tensor with NaN/Inf values or without data (meta),
@@ -427,7 +511,8 @@ def scan(
     else:
         raise TypeError(f"scan expects an nn.Module or a mapping of name -> tensor, got {type(model).__name__}")
     return scan_refs(refs, min_ndim=min_ndim, max_dim=max_dim, include=include, exclude=exclude,
-                     cache=cache, recompute=recompute, aggregate=aggregate, progress=progress)
+                     cache=cache, recompute=recompute, aggregate=aggregate, progress=progress,
+                     num_workers=num_workers)
 
 
 def scan_refs(
@@ -441,10 +526,12 @@ def scan_refs(
     recompute: bool = False,
     aggregate: str = "mean",
     progress: Optional[bool] = None,
+    num_workers: Optional[int] = None,
 ) -> KappaTable:
     """:func:`scan` over :class:`TensorRef` objects (a checkpoint's, or any loader's); same arguments."""
     if aggregate not in ("mean", "max"):
         raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+    resolve_workers(num_workers)  # a bad value fails before any work
     names = NameFilter(include, exclude)
     cache_ = resolve_cache(cache)
     rank, world = rank_and_world()
@@ -459,10 +546,12 @@ def scan_refs(
             cached = {it.ref.name: it.cached for it in looked if it.cached is not None}
             if bar is not None:
                 bar.update(len(cached))
-            new = compute_sharded([it.ref for it in looked if it.cached is None], cached, bar=bar)
+            new = compute_sharded([it.ref for it in looked if it.cached is None], cached, bar=bar,
+                                  num_workers=num_workers)
         else:
             looked = []
-            new = compute_local(_recording(lookup(eligible, cache_, recompute=recompute), looked), bar=bar)
+            new = compute_local(_recording(lookup(eligible, cache_, recompute=recompute), looked), bar=bar,
+                                num_workers=num_workers)
     finally:
         if bar is not None:
             bar.close()
