@@ -109,6 +109,8 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
         main[a] = {"lr": chosen.get(a), "lr_grid": list(cfg.lrs[a]),
                    "seeds": _seedvals(prim.get(a, {}), cfg.seeds),
                    "reached": [None if r is None else r.get("dcontrol_at_lstar") is not None for r in rs],
+                   "status": ["not run yet" if r is None else "diverged" if r.get("diverged") else
+                              "ok" if r.get("dcontrol_at_lstar") is not None else "not reached" for r in rs],
                    "steps_to_lstar": [None if r is None else r.get("steps_to_lstar") for r in rs],
                    "dcontrol_last": [None if r is None else r.get("dcontrol_last") for r in rs],
                    "dtask_last": [None if r is None else r.get("dtask_last") for r in rs],
@@ -207,8 +209,12 @@ def _v(x, nd=4):
     return "—" if x is None else f"{x:+.{nd}f}"
 
 
-def _seeds_str(xs) -> str:
-    return ", ".join("n/r" if x is None else f"{x:+.3f}" for x in xs)
+def _seeds_str(xs, status=None) -> str:
+    """Per-seed values; ``—`` = not run yet, ``n/r`` = L* not reached, ``div`` = diverged."""
+    tag = {"not run yet": "—", "not reached": "n/r", "diverged": "div"}
+    if status is None:
+        return ", ".join("—" if x is None else f"{x:+.3f}" for x in xs)
+    return ", ".join(f"{x:+.3f}" if x is not None else tag.get(s, "—") for x, s in zip(xs, status))
 
 
 def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool = True) -> str:
@@ -266,7 +272,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool =
               "Interpolated on each run's curve (curve windows), at the LR chosen on seed 0 by the pre-registered rule. "
               "Differences are arm − κ-low, paired per seed; 95% CI from a bootstrap over seeds and windows; Holm over "
               "the arms; MDE = 2.80 × bootstrap SE (α 0.05, 80% power); t-CI = paired t over seeds (conservative "
-              "companion for 3 seeds). n/r = L\\* not reached within the run.", "",
+              "companion for 3 seeds). Per seed: n/r = L\\* not reached within the run, — = not run yet.", "",
               "| arm | LR (grid) | trainable | per seed | mean | vs κ-low | steps to L\\* |", "|---|---|---|---|---|---|---|"]
     for a, m in A["main"].items():
         lr = "—" if m["lr"] is None else f"{m['lr']:g}"
@@ -274,7 +280,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool =
         stp = ", ".join("—" if x is None else f"{x:.0f}" for x in m["steps_to_lstar"])
         tp = "—" if m["trainable_params"] is None else f"{m['trainable_params']:,}"
         lines.append(f"| {fv.LABELS[a]} | {lr} ({', '.join(f'{x:g}' for x in m['lr_grid'])}) | {tp} | "
-                     f"{_seeds_str(m['seeds'])} | {_v(m['mean'])} | {vs} | {stp} |")
+                     f"{_seeds_str(m['seeds'], m['status'])} | {_v(m['mean'])} | {vs} | {stp} |")
     lines += ["", "## Headline (computed from the CIs)", ""] + headline(A, cfg)
     lines += ["", "## Secondary: last step, every fixed LR (final windows)", "",
               "| arm | LR | seed | Δtask | Δcontrol | Δcontrol accuracy | Δcontrol at L\\* (curve) |",
@@ -350,7 +356,8 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
     m = A["main"]
     if REF not in m or m[REF]["mean"] is None:
         return ["- κ-low has no finished run at its chosen LR yet: no headline."]
-    out.append(f"- κ-low: Δcontrol at L\\* {_seeds_str(m[REF]['seeds'])} (mean {m[REF]['mean']:+.4f} nats).")
+    out.append(f"- κ-low: Δcontrol at L\\* {_seeds_str(m[REF]['seeds'], m[REF]['status'])} "
+               f"(mean {m[REF]['mean']:+.4f} nats).")
     for a in ("random_kind", "kappa_high_kind"):
         if a in m:
             out.append(f"- κ vs kind — {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'])}.")
