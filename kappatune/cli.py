@@ -19,17 +19,20 @@ This is the only module of kappatune that prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import stat
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "SCAN_FORMAT", "read_scan", "default_cli_cache_dir"]
+__all__ = ["main", "build_parser", "SCAN_FORMAT", "read_scan", "write_output"]
 
 SCAN_FORMAT = "kappatune-scan"
 SCAN_VERSION = 1
@@ -50,6 +53,16 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}")
+    return v
+
+
+def _count(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {s!r}")
     return v
 
 
@@ -109,9 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="κ of a stacked 3-D tensor (mixture-of-experts weights): mean (default) or max "
                         "over its matrices")
     s.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="κ cache folder (or .json file). Default: $KAPPATUNE_CACHE_DIR if set; else ./cache "
-                        "when ./cache/README.md mentions kappatune (a kappatune checkout); else "
-                        "~/.cache/kappatune")
+                   help="κ cache folder (or a .sqlite or .json file); the library's default: "
+                        "$KAPPATUNE_CACHE_DIR, else $XDG_CACHE_HOME/kappatune, else ~/.cache/kappatune")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the κ cache")
     s.add_argument("--recompute", action="store_true", help="ignore cached κ values (fresh values are still stored)")
     s.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -155,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute κ of every eligible tensor of a safetensors checkpoint, one tensor at a time, and "
                     "print a summary and the lowest-κ tensors. Values go to the κ cache, where "
                     "kappatune.scan(model) and KappaTuneOptimizer find them again for the same weights.")
-    sp.add_argument("--top", type=int, default=10, metavar="N",
+    sp.add_argument("--top", type=_count, default=10, metavar="N",
                     help="how many of the lowest-κ tensors to list (default 10; 0 for none)")
     sp.add_argument("--json", action="store_true",
                     help="print the scan result as JSON on stdout (the table.json format) instead of text")
@@ -169,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a table (rank, name, shape, params, κ, selected) lowest κ first. With a selection "
                     "policy the chosen tensors are marked with '*'. --include/--exclude restrict the tensors "
                     "shown and selectable.")
-    sh.add_argument("--top", type=int, default=None, metavar="N", help="show only the first N rows")
+    sh.add_argument("--top", type=_count, default=None, metavar="N", help="show only the first N rows")
     sh.set_defaults(func=_cmd_show)
 
     pl = sub.add_parser(
@@ -178,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw κ (log scale) by layer × module kind, selected tensors marked, next to a histogram "
                     "of log10 κ. The format follows the suffix of -o: .png, .svg or .pdf.")
     pl.add_argument("-o", "--output", required=True, metavar="FILE", help="image file: kappa.png, kappa.svg, ...")
-    pl.add_argument("--dpi", type=int, default=100, help="pixels per inch of a PNG (default 100)")
+    pl.add_argument("--dpi", type=_positive_int, default=100, help="pixels per inch of a PNG (default 100)")
     pl.add_argument("--title", default=None, help="title of the heatmap (default: the checkpoint name)")
     pl.set_defaults(func=_cmd_plot)
 
@@ -198,22 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 # inputs: checkpoints and saved scans
 # --------------------------------------------------------------------------------------------
-def default_cli_cache_dir() -> Path:
-    """``$KAPPATUNE_CACHE_DIR``; else ``./cache`` if ``./cache/README.md`` mentions kappatune (the
-    folder of a kappatune checkout); else the library default (``~/.cache/kappatune``)."""
-    from .cache import default_cache_dir
-
-    if os.environ.get("KAPPATUNE_CACHE_DIR"):
-        return default_cache_dir()
-    readme = Path("cache") / "README.md"
-    try:
-        if readme.is_file() and "kappatune" in readme.read_text(encoding="utf-8", errors="replace").lower():
-            return Path("cache")
-    except OSError:
-        pass
-    return default_cache_dir()
-
-
 def read_scan(path: Path) -> Tuple[Any, Dict[str, Any]]:
     """``(KappaTable, document)`` of a file written by ``kappatune scan -o`` / ``--json``."""
     from .selection import KappaTable
@@ -226,11 +222,43 @@ def read_scan(path: Path) -> Tuple[Any, Dict[str, Any]]:
         raise CLIError(f"{path}: not a kappatune scan result (write one with: kappatune scan MODEL -o {path.name})")
     if not isinstance(doc.get("version"), int) or doc["version"] > SCAN_VERSION:
         raise CLIError(f"{path}: scan result version {doc.get('version')!r} is not supported by this kappatune")
-    try:
-        table = KappaTable.from_dict(doc["table"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CLIError(f"{path}: malformed scan result ({type(e).__name__}: {e})") from None
+    problem = _scan_doc_problem(doc)
+    if problem is None:
+        try:
+            table = KappaTable.from_dict(doc["table"])
+        except Exception as e:  # whatever the file holds, one line naming it
+            problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        raise CLIError(f"{path}: malformed scan result ({problem}); write it again with: kappatune scan MODEL -o "
+                       f"{path.name}")
     return table, doc
+
+
+def _scan_doc_problem(doc: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the structure of a scan document, or None."""
+    src = doc.get("source")
+    if not isinstance(src, list) or not src or not all(isinstance(x, str) for x in src):
+        return "'source' is not a list of paths"
+    tab = doc.get("table")
+    if not isinstance(tab, dict) or not isinstance(tab.get("entries"), list):
+        return "'table.entries' is not a list"
+    if not isinstance(tab.get("skipped", {}), dict):
+        return "'table.skipped' is not an object"
+    for i, e in enumerate(tab["entries"]):
+        if not isinstance(e, dict):
+            return f"entry {i} is {type(e).__name__}, not an object"
+        name, shape, numel = e.get("name"), e.get("shape"), e.get("numel")
+        if not isinstance(name, str) or not name:
+            return f"entry {i} has no name"
+        if (not isinstance(shape, list) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            return f"{name}: shape {shape!r} is not a list of positive whole numbers"
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel != math.prod(shape):
+            return f"{name}: numel {numel!r} is not the product of its shape {shape}"
+        k = e.get("kappa")
+        if not (isinstance(k, (int, float)) and not isinstance(k, bool) and k >= 1) and k != "inf":
+            return f"{name}: kappa {k!r} is not a number >= 1"
+    return None
 
 
 def _saved_scan(paths: Sequence[str]) -> Optional[Path]:
@@ -254,14 +282,14 @@ def _saved_scan(paths: Sequence[str]) -> Optional[Path]:
 def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     """Scan the checkpoint in ``args.paths``; returns (table, document)."""
     from . import __version__
-    from .cache import KappaCache
+    from .cache import KappaCache, default_cache_dir
     from .checkpoint import checkpoint_files, checkpoint_refs
     from .scan import scan_refs
 
     files = checkpoint_files(args.paths)
     refs = checkpoint_refs(args.paths)
-    cache = None if args.no_cache else KappaCache(Path(args.cache_dir) if args.cache_dir else default_cli_cache_dir())
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    cache = None if args.no_cache else KappaCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    progress = args.progress  # None: a bar only when stderr is a terminal (tqdm's disable=None)
     options = {
         "min_ndim": 2 if args.min_ndim is None else args.min_ndim,
         "max_dim": args.max_dim,
@@ -323,9 +351,25 @@ def _fmt_options(opts: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------
-def _policy(args: argparse.Namespace) -> Dict[str, Any]:
-    return {k: getattr(args, k) for k in ("num_tensors", "top_fraction", "param_budget", "max_kappa")
-            if getattr(args, k) is not None}
+_POLICY_FLAGS = ("num_tensors", "top_fraction", "param_budget", "max_kappa")
+
+
+def _policy(args: argparse.Namespace, required: bool) -> Any:
+    """The one :class:`~kappatune.selection.SelectionPolicy` of the command line, or None."""
+    from .selection import SelectionPolicy
+
+    given = [k for k in _POLICY_FLAGS if getattr(args, k) is not None]
+    try:
+        policy = SelectionPolicy.from_options(vars(args))
+    except ValueError as e:
+        if len(given) > 1:  # the library's "exactly one" rule, in the flags' spelling
+            raise CLIError("give only one selection policy; got "
+                           + ", ".join("--" + k.replace("_", "-") for k in given)) from None
+        raise CLIError(f"--{given[0].replace('_', '-')}: {e}" if given else str(e)) from None
+    if policy is None and required:
+        raise CLIError("give a selection policy: --num-tensors K, --top-fraction F, --param-budget B "
+                       "or --max-kappa T")
+    return policy
 
 
 def _candidates(table: Any, args: argparse.Namespace) -> Any:
@@ -356,17 +400,11 @@ def _regexes(patterns: Optional[List[str]], flag: str) -> List[Any]:
 
 
 def _select(table: Any, args: argparse.Namespace, required: bool) -> Tuple[List[str], Dict[str, Any]]:
-    policy = _policy(args)
-    if not policy:
-        if required:
-            raise CLIError("give a selection policy: --num-tensors K, --top-fraction F, --param-budget B "
-                           "or --max-kappa T")
+    policy = _policy(args, required)
+    if policy is None:
         return [], {}
-    if len(policy) > 1:
-        raise CLIError("give only one selection policy; got "
-                       + ", ".join("--" + k.replace("_", "-") for k in policy))
-    names = table.select(**policy, group_by=args.group_by)
-    return names, {**policy, "group_by": args.group_by, "include": args.include, "exclude": args.exclude}
+    names = policy.apply(table)
+    return names, {**policy.to_dict(), "include": args.include, "exclude": args.exclude}
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +482,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plot import _format_from, plot_kappa
 
-    _format_from(args.output)  # a bad suffix fails before any scanning
+    fmt = _format_from(args.output)  # a bad suffix fails before any scanning
     table, doc = _load(args)
     table = _candidates(table, args)
     names, policy = _select(table, args, required=False)
@@ -453,7 +491,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         title = "κ of " + ", ".join(Path(p).name or str(p) for p in doc["source"])
         if policy:
             title += f" — {len(names)} selected"
-    plot_kappa(table, names, args.output, title=title, dpi=args.dpi)
+    import io
+
+    fig = plot_kappa(table, names, None, title=title, dpi=args.dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=args.dpi)
+    with contextlib.suppress(Exception):
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    write_output(args.output, buf.getvalue())
     print(f"wrote {args.output} ({len(table)} tensors, {len(names)} selected)")
     return 0
 
@@ -480,10 +527,99 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _write(path: str, text: str) -> None:
+    write_output(path, text.encode("utf-8"))
+
+
+_STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def _inherited_fd(path: str) -> Optional[int]:
+    """The descriptor ``path`` names if it is one of ours (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``: the shell's ``>(cmd)`` or a redirection), else None."""
+    if path in _STD_STREAMS:
+        return _STD_STREAMS[path]
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if path.startswith(prefix) and path[len(prefix):].isdigit():
+            return int(path[len(prefix):])
+    return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_output(path: str, data: bytes) -> None:
+    """Write ``data`` where ``-o PATH`` says, the way a user expects.
+
+    * ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` (the shell's ``-o >(jq .)``): written to that
+      open descriptor, so its position and any redirection are kept;
+    * a FIFO, a character device (``/dev/null``), a socket, or a link to one: written into, never
+      replaced;
+    * a regular file (or a new name): a temporary file with an unpredictable name is created in the
+      same folder (``O_EXCL``, so no existing path is followed), written, given the file's mode (a new
+      file ``0666 & ~umask``) and renamed onto it: readers see the old or the new file, never half of
+      one. A symbolic link is kept and its target replaced. The temporary file is removed on every
+      failure. When the folder does not allow a new file but the file is writable, it is written in place.
+    """
+    fd = _inherited_fd(path)
+    if fd is not None:
+        if fd in (1, 2):
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+        try:
+            _write_all(fd, data)
+            return
+        except OSError as e:
+            if e.errno != 9:  # EBADF: not open here, so open the path below
+                raise
     p = Path(path).expanduser()
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
+    try:
+        st: Optional[os.stat_result] = os.stat(p)  # what the name leads to (links followed)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise CLIError(f"{path}: is a folder; give -o a file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        out = os.open(p, os.O_WRONLY)  # a FIFO blocks here until a reader opens it, as with `cat > fifo`
+        try:
+            _write_all(out, data)
+        finally:
+            os.close(out)
+        return
+    target = Path(os.path.realpath(p)) if p.is_symlink() else p
+    if not target.parent.is_dir():
+        raise CLIError(f"{path}: the folder {target.parent} does not exist")
+    try:
+        tfd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except PermissionError:
+        if st is None:
+            raise
+        out = os.open(target, os.O_WRONLY | os.O_TRUNC)  # a writable file in a folder we may not add to
+        try:
+            _write_all(out, data)
+        finally:
+            os.close(out)
+        return
+    try:
+        if st is not None:
+            mode = stat.S_IMODE(st.st_mode)
+        else:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            mode = 0o666 & ~mask
+        os.fchmod(tfd, mode)
+        _write_all(tfd, data)
+        os.close(tfd)
+        tfd = -1
+        os.replace(tmp, target)
+    except BaseException:
+        if tfd >= 0:
+            os.close(tfd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------

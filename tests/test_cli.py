@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -231,13 +232,196 @@ def test_in_process_formats_and_argument_errors(tmp_path, capsys):
         assert "--include" in capsys.readouterr().out
 
 
-def test_default_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KAPPATUNE_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cli.default_cli_cache_dir() == tmp_path / "xdg" / "kappatune"
+def test_default_cache_dir_is_the_librarys(tmp_path):
+    """The command line uses kappatune.cache.default_cache_dir(), wherever it runs (no ./cache rule)."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(8, 8)}, str(tmp_path / "w.safetensors"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "README.md").write_text("κ cache of kappatune runs\n")
-    assert cli.default_cli_cache_dir().resolve() == (tmp_path / "cache").resolve()
-    monkeypatch.setenv("KAPPATUNE_CACHE_DIR", str(tmp_path / "env"))
-    assert cli.default_cli_cache_dir() == tmp_path / "env"
+    env = _env()
+    env.pop("KAPPATUNE_CACHE_DIR", None)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    p = subprocess.run([sys.executable, "-m", "kappatune", "scan", "w.safetensors", "--json"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["summary"]["cache"] == str(tmp_path / "xdg" / "kappatune" / "kappa_cache.sqlite")
+    assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / "README.md"]
+
+
+# -- -o writes into what it should not replace ----------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_scan(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    save_file({f"l{i}.weight": torch.randn(6, 5) for i in range(3)}, str(d / "w.safetensors"))
+    assert cli.main(["scan", str(d / "w.safetensors"), "--no-cache", "-o", str(d / "t.json")]) == 0
+    return d / "t.json"
+
+
+def _export(saved, out, *extra):
+    return _run_all(["export", saved, "--num-tensors", 2, "--format", "names", "-o", out, *extra])[0]
+
+
+def test_output_onto_a_fifo_writes_into_it(saved_scan, tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    _ok(_export(saved_scan, fifo))
+    reader.join(30)
+    assert got == ["l0.weight\nl2.weight\n"] or len(got[0].splitlines()) == 2
+    assert stat_is(fifo, "FIFO")
+
+
+def stat_is(path, kind):
+    import stat as st
+
+    mode = os.lstat(path).st_mode
+    return {"FIFO": st.S_ISFIFO, "CHR": st.S_ISCHR, "LNK": st.S_ISLNK, "REG": st.S_ISREG}[kind](mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a character device needs root")
+def test_output_onto_a_device_writes_into_it(saved_scan, tmp_path):
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+    _ok(_export(saved_scan, dev))
+    assert stat_is(dev, "CHR")  # today's code turned it into a regular file
+
+
+def test_output_to_stdout_and_to_an_inherited_descriptor(saved_scan, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "kappatune", "export", str(saved_scan), "--num-tensors", "2",
+                        "--format", "names", "-o", "/dev/stdout"], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 2, p.stderr
+    r, w = os.pipe()  # what the shell's `-o >(jq .)` passes: /dev/fd/N
+    proc = subprocess.Popen([sys.executable, "-m", "kappatune", "export", str(saved_scan), "--num-tensors", "2",
+                             "--format", "json", "-o", f"/dev/fd/{w}"], pass_fds=(w,), env=_env(),
+                            stderr=subprocess.PIPE)
+    os.close(w)
+    with os.fdopen(r) as f:
+        doc = json.loads(f.read())
+    assert proc.wait(120) == 0 and doc["num_selected"] == 2
+
+
+def test_output_never_follows_a_planted_temp_link_and_keeps_links(saved_scan, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out.txt"
+    os.symlink(victim, tmp_path / "out.txt.tmp")  # what today's code wrote through
+    _ok(_export(saved_scan, out))
+    assert victim.read_text() == "precious\n"
+    assert stat_is(out, "REG") and len(out.read_text().splitlines()) == 2
+    # -o a link to a regular file: the link stays, its target gets the new content
+    target = tmp_path / "real.txt"
+    target.write_text("old\n")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.txt"
+    os.symlink(target, link)
+    _ok(_export(saved_scan, link))
+    assert stat_is(link, "LNK") and len(target.read_text().splitlines()) == 2
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o640)  # the file's mode is kept
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p.name != "out.txt.tmp"] == []
+
+
+def test_output_temp_file_is_removed_on_failure(saved_scan, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o.txt"
+
+    def boom(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    assert cli.main(["export", str(saved_scan), "--num-tensors", "1", "--format", "names", "-o", str(out)]) == 2
+    monkeypatch.undo()
+    assert "No space left" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_output_file_honours_the_umask(saved_scan, tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert cli.main(["export", str(saved_scan), "--num-tensors", "1", "--format", "names", "-o",
+                         str(tmp_path / "n.txt")]) == 0
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "n.txt").st_mode & 0o777) == oct(0o640)
+
+
+# -- bad input: one line, exit 2 -------------------------------------------------------------------
+def test_malformed_inputs_give_one_line_and_exit_2(saved_scan, tmp_path, capsys):
+    doc = json.loads(saved_scan.read_text())
+    e0 = doc["table"]["entries"][0]
+    variants = {
+        "negative numel": {**doc, "table": {**doc["table"], "entries": [{**e0, "numel": -30}]}},
+        "entries a list of lists": {**doc, "table": {**doc["table"], "entries": [[1, 2]]}},
+        "entries not a list": {**doc, "table": {**doc["table"], "entries": {"a": 1}}},
+        "no source": {k: v for k, v in doc.items() if k != "source"},
+        "kappa true": {**doc, "table": {**doc["table"], "entries": [{**e0, "kappa": True}]}},
+    }
+    for label, bad in variants.items():
+        f = tmp_path / f"{label.replace(' ', '_')}.json"
+        f.write_text(json.dumps(bad))
+        capsys.readouterr()
+        assert cli.main(["show", str(f)]) == 2, label
+        err = capsys.readouterr().err
+        assert err.startswith("kappatune: error: ") and err.count("\n") == 1, (label, err)
+        assert "malformed scan result" in err and "unexpected" not in err, (label, err)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["scan", str(saved_scan), "--top", "-1"])
+    assert exc.value.code == 2 and "--top: expected a whole number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["show", str(saved_scan), "--top", "-1"])
+    assert exc.value.code == 2
+
+
+def test_bad_checkpoints_give_one_line_and_exit_2_without_hanging(tmp_path):
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    esc = tmp_path / "esc"
+    esc.mkdir()
+    (esc / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    cases = {
+        "fifo": (["scan", tmp_path / "fifo.safetensors"], "is a FIFO"),
+        "empty index": (["scan", ckpt], "weight_map is empty"),
+        "escaping shard": (["show", esc], "outside the checkpoint folder"),
+    }
+    results = _run_all(*[argv for argv, _ in cases.values()])
+    for (what, (_, expected)), (rc, so, se) in zip(cases.items(), results):
+        assert rc == 2 and expected in se and se.count("\n") == 1 and "Traceback" not in se, (what, rc, se)
+
+
+# -- start-up and progress -------------------------------------------------------------------------
+def test_help_and_argument_errors_do_not_import_torch():
+    code = textwrap.dedent("""
+        import sys
+        from kappatune.cli import main
+        for argv in (["--help"], ["scan", "--help"], ["scan"], ["show", "x.json", "--top", "-1"], ["--version"]):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+        heavy = sorted(m for m in ("torch", "numpy", "safetensors", "transformers") if m in sys.modules)
+        print("HEAVY", heavy)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert "HEAVY []" in p.stdout, p.stdout + p.stderr
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
+    from safetensors.torch import save_file
+
+    pytest.importorskip("tqdm")
+    save_file({f"l{i}.weight": torch.randn(8, 8) for i in range(3)}, str(tmp_path / "w.safetensors"))
+    auto, forced = _run_all(["scan", tmp_path / "w.safetensors", "--no-cache"],
+                            ["scan", tmp_path / "w.safetensors", "--no-cache", "--progress"])
+    _ok(auto)
+    _ok(forced)
+    assert "\r" not in auto[2] and "κ scan" not in auto[2]
+    assert "κ scan" in forced[2]
