@@ -509,6 +509,31 @@ def _sqlite_corrupt(e: Exception) -> bool:
     return "not a database" in msg or "malformed" in msg or "corrupt" in msg
 
 
+_NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "fuse.sshfs", "lustre", "gpfs", "ceph",
+               "glusterfs", "fuse.glusterfs", "beegfs", "davfs", "fuse.s3fs", "fuse.gcsfuse"}
+
+
+def _network_fs(path: Path) -> bool:
+    """Whether ``path`` is on a network file system (Linux: by ``/proc/self/mounts``)."""
+    try:
+        real = os.path.realpath(path.parent)
+        best, fstype = "", ""
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, parts[2]
+        return fstype in _NETWORK_FS
+    except OSError:
+        return False
+
+
+_INHERITED: List[Any] = []  # connections a forked child must neither use nor close
+
+
 class _SqliteStore:
     """``entries(key, entry)`` rows (the entry as compact JSON) in an SQLite database in WAL mode."""
 
@@ -520,9 +545,12 @@ class _SqliteStore:
 
     # connection ----------------------------------------------------------------------------
     def close(self) -> None:
-        if self._con is not None and self._pid == os.getpid():
-            with contextlib.suppress(Exception):
-                self._con.close()
+        if self._con is not None:
+            if self._pid == os.getpid():
+                with contextlib.suppress(Exception):
+                    self._con.close()
+            else:
+                _INHERITED.append(self._con)
         self._con = None
 
     def _retry(self, fn, what: str):
@@ -552,6 +580,8 @@ class _SqliteStore:
         """The open connection (opened, checked and initialised on first use, again after a fork)."""
         if self._con is not None and self._pid == os.getpid():
             return self._con
+        if self._con is not None:  # inherited through fork: never closed here (SQLite forbids using it)
+            _INHERITED.append(self._con)
         self._con = None
         con = self._open()
         self._con, self._pid = con, os.getpid()
@@ -650,9 +680,12 @@ class _SqliteStore:
             raise _NotOurs(f"it was written by a newer kappatune (schema {version} > {SCHEMA_VERSION})")
         # Only now that it is known to be ours: WAL (readers never wait for a writer) and NORMAL
         # synchronisation (a killed process never loses a committed save).
+        # WAL needs shared memory between the processes, so one host: on a network file system
+        # (NFS, SMB, ...) the rollback journal is used instead, with full synchronisation.
+        network = _network_fs(self.path)
         with contextlib.suppress(sqlite3.OperationalError):  # read-only: keep the journal mode it has
-            con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
+            con.execute("PRAGMA journal_mode=DELETE" if network else "PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL" if network else "PRAGMA synchronous=NORMAL")
 
     def _import_legacy(self, con) -> None:
         """Entries of ``kappa_cache.json`` in the same folder, once per version of that file."""

@@ -626,3 +626,13 @@ def test_digest_without_xxhash_is_blake2b(monkeypatch):
     h = hashlib.blake2b(f"{x.dtype}|{tuple(x.shape)}|".encode(), digest_size=16)
     h.update(x.numpy().tobytes())
     assert d == "blake2b128:" + h.hexdigest()
+
+
+def test_network_file_system_uses_the_rollback_journal(tmp_path, monkeypatch):
+    """WAL needs memory shared by every process, so one host: on NFS and the like it is not used."""
+    monkeypatch.setattr(cache_mod, "_network_fs", lambda path: True)
+    kappatune.scan(make_tiny_llama(), cache=tmp_path, progress=False)
+    con = sqlite3.connect(str(tmp_path / "kappa_cache.sqlite"))
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+    assert len(KappaCache(tmp_path)) == n_eligible(make_tiny_llama())
