@@ -480,9 +480,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import _format_from, plot_kappa
+    from .plot import image_format, plot_kappa
 
-    fmt = _format_from(args.output)  # a bad suffix fails before any scanning
+    fmt = image_format(args.output)  # a bad suffix fails before any scanning
     table, doc = _load(args)
     table = _candidates(table, args)
     names, policy = _select(table, args, required=False)

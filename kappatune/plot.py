@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .selection import KappaTable, module_kind
 
-__all__ = ["plot_kappa", "kappa_grid", "figure_size", "KappaGrid"]
+__all__ = ["plot_kappa", "kappa_grid", "figure_size", "image_format", "KappaGrid"]
 
 _INT = re.compile(r"^\d+$")
 # Familiar kinds in the order they run through a transformer block; others follow alphabetically.
@@ -112,7 +112,12 @@ def figure_size(n_rows: int, n_cols: int) -> Tuple[float, float]:
     return round(heat_w + 4.6, 2), round(height, 2)
 
 
-def _format_from(path: Union[str, "os.PathLike[str]"]) -> str:
+def image_format(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The image format of an output path by its suffix (``png``, ``pdf``, ``svg``, …).
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write, naming the path and the accepted suffixes.
+    """
     fmt = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
     if fmt not in _FORMATS:
         raise ValueError(f"cannot tell the image format from {os.fspath(path)!r}: use a file name ending in "
@@ -148,7 +153,7 @@ def plot_kappa(
         raise ValueError("the κ table is empty: nothing to plot (check the scan filters)")
     if isinstance(dpi, bool) or not isinstance(dpi, int) or not 20 <= dpi <= 1200:
         raise ValueError(f"dpi must be an int in [20, 1200], got {dpi!r}")
-    fmt = _format_from(path) if path is not None else None
+    fmt = image_format(path) if path is not None else None
     sel = [n for n in selected]
     unknown = [n for n in sel if n not in table]
     if unknown:
