@@ -24,7 +24,8 @@ _LAZY = {
     "KappaTuneOptimizer": "optimizer", "SelectiveFineTuningOptimizer": "optimizer",
     "TensorRef": "refs", "scan": "scan",
     "FreezeHandle": "selection", "KappaEntry": "selection", "KappaTable": "selection",
-    "freeze_all_but": "selection",
+    "freeze_all_but": "selection", "SelectionPolicy": "selection", "NameFilter": "selection",
+    "Selection": "resolve", "resolve_selection": "resolve",
 }
 
 
@@ -62,12 +63,16 @@ __all__ = [
     "KappaTable",
     "KappaTuneOptimizer",
     "FreezeHandle",
+    "NameFilter",
+    "Selection",
+    "SelectionPolicy",
     "TensorRef",
     "condition_number",
     "condition_numbers",
     "default_cache_dir",
     "freeze_all_but",
     "kappa_of",
+    "resolve_selection",
     "scan",
     "scan_checkpoint",
     "SelectiveFineTuningOptimizer",
