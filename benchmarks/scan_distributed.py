@@ -5,8 +5,10 @@ The same model, the same call (``kappatune.scan(model, max_dim=16384, cache=None
 progress=False)``), three ways, each in fresh processes started with ``torch.multiprocessing``:
 
 * **1 rank × 1 thread** — no process group, ``torch.set_num_threads(1)`` (the baseline);
-* **1 rank × 2 threads** — no process group, ``torch.set_num_threads(2)`` (what one process gets
-  out of the same 2 cores by intra-op threading);
+* **1 rank × 2 BLAS threads, 1 worker** — no process group, ``torch.set_num_threads(2)``,
+  ``num_workers=1`` (what one process gets out of the same 2 cores by BLAS threading);
+* **1 rank × 2 workers** — no process group, ``torch.set_num_threads(2)``, ``num_workers=None``
+  (kappatune's default: 2 tensors at once in a thread pool, one BLAS thread each);
 * **2 ranks × 1 thread** — a gloo process group (file:// rendezvous), 1 thread per rank: each rank
   computes κ of its share (longest-processing-time assignment by cost m·n·min(m, n)), the results
   are all-gathered and rank 0's table is broadcast.
@@ -26,7 +28,7 @@ seed 0; ``max_dim=16384`` skips the embedding, leaving 7 matrices per layer.
 Run (from the repository root)::
 
     python benchmarks/scan_distributed.py                     # 8 layers, 2 rounds × 3 repeats
-    python benchmarks/scan_distributed.py --layers 30 --rounds 3 --json scan_distributed.json
+    python benchmarks/scan_distributed.py --layers 30 --rounds 3 --save   # writes benchmarks/results/scan_distributed/
 
 The load average of the machine is printed before and after: other processes on the same cores
 make every figure slower, and the 2-rank one the most (it needs both cores at once).
@@ -50,10 +52,11 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
 
 MAX_DIM = 16384
-MODES = [  # (label, ranks, threads per rank)
-    ("1 rank × 1 thread", 1, 1),
-    ("1 rank × 2 threads", 1, 2),
-    ("2 ranks × 1 thread (gloo)", 2, 1),
+MODES = [  # (label, ranks, threads per rank, num_workers per rank)
+    ("1 rank × 1 thread", 1, 1, 1),
+    ("1 rank × 2 BLAS threads, 1 worker", 1, 2, 1),
+    ("1 rank × 2 workers (threads, 1 BLAS thread each; the default)", 1, 2, None),
+    ("2 ranks × 1 thread (processes, gloo)", 2, 1, 1),
 ]
 
 
@@ -67,7 +70,7 @@ def build_model(layers: int, seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def _worker(rank: int, world: int, threads: int, layers: int, repeats: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, threads: int, workers, layers: int, repeats: int, init_file: str, out: str) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import kappatune
@@ -81,7 +84,7 @@ def _worker(rank: int, world: int, threads: int, layers: int, repeats: int, init
             if world > 1:
                 dist.barrier()
             t0 = time.perf_counter()
-            table = kappatune.scan(model, max_dim=MAX_DIM, cache=None, progress=False)
+            table = kappatune.scan(model, max_dim=MAX_DIM, cache=None, progress=False, num_workers=workers)
             if world > 1:
                 dist.barrier()
             one.table = table  # type: ignore[attr-defined]
@@ -97,7 +100,7 @@ def _worker(rank: int, world: int, threads: int, layers: int, repeats: int, init
             dist.destroy_process_group()
 
 
-def run_mode(world: int, threads: int, layers: int, repeats: int, tmp: Path, tag: str) -> Dict:
+def run_mode(world: int, threads: int, workers, layers: int, repeats: int, tmp: Path, tag: str) -> Dict:
     out = tmp / f"{tag}.json"
     init = tmp / f"{tag}.init"
     # kappatune's CPU κ path runs numpy's OpenBLAS, whose thread count is read from the environment
@@ -105,7 +108,8 @@ def run_mode(world: int, threads: int, layers: int, repeats: int, tmp: Path, tag
     saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     os.environ.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     try:
-        tmp_mp.spawn(_worker, args=(world, threads, layers, repeats, str(init), str(out)), nprocs=world, join=True)
+        tmp_mp.spawn(_worker, args=(world, threads, workers, layers, repeats, str(init), str(out)), nprocs=world,
+                     join=True)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -120,23 +124,26 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed scans per process start")
     ap.add_argument("--rounds", type=int, default=2, help="round-robin passes over the three modes")
-    ap.add_argument("--modes", default="0,1,2", help="comma-separated subset of the modes (0, 1, 2), in the "
+    ap.add_argument("--modes", default="0,1,2,3", help="comma-separated subset of the modes (0-3), in the "
                     "order of the table; the ratios need mode 0 and 1")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--save", action="store_true",
+                    help="write benchmarks/results/scan_distributed/results.json and results.md")
+    ap.add_argument("--note", default="", help="a caveat printed under the machine line of results.md")
     args = ap.parse_args(argv)
     modes = [MODES[int(i)] for i in args.modes.split(",")]
 
     load0 = os.getloadavg()
-    times: Dict[str, List[float]] = {label: [] for label, _, _ in modes}
+    times: Dict[str, List[float]] = {label: [] for label, _, _, _ in modes}
     tables: Dict[str, Dict] = {}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         for rnd in range(args.rounds):
-            for i, (label, world, threads) in enumerate(modes):
-                res = run_mode(world, threads, args.layers, args.repeats, Path(d), f"r{rnd}m{i}")
+            for i, (label, world, threads, workers) in enumerate(modes):
+                res = run_mode(world, threads, workers, args.layers, args.repeats, Path(d), f"r{rnd}m{i}")
                 times[label].extend(res["times"])
                 tables.setdefault(label, res["table"])
-                print(f"round {rnd + 1}/{args.rounds}  {label:<27} "
+                print(f"round {rnd + 1}/{args.rounds}  {label:<40} "
                       + " ".join(f"{t:.3f}s" for t in res["times"]), file=sys.stderr, flush=True)
     load1 = os.getloadavg()
 
@@ -151,17 +158,28 @@ def main(argv: List[str] = None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     b1, b2 = med.get(MODES[0][0], float("nan")), med.get(MODES[1][0], float("nan"))
 
-    print(f"\nκ scan of a Llama at SmolLM2-135M shapes, {args.layers} layers ({n} matrices, max_dim={MAX_DIM}); "
-          f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPU(s)")
-    print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f}; {args.rounds} rounds × {args.repeats} "
-          f"timed scans per mode; total {time.perf_counter() - t_start:.0f}s\n")
-    print("| mode | scans | median wall (s) | min (s) | vs 1 rank × 1 thread | vs 1 rank × 2 threads |")
-    print("|---|---|---|---|---|---|")
-    for label, _, _ in modes:
-        print(f"| {label} | {len(times[label])} | {med[label]:.3f} | {min(times[label]):.3f} | "
-              f"{b1 / med[label]:.2f}× | {b2 / med[label]:.2f}× |")
-    print(f"\nratio = baseline median / mode median (> 1: faster). All modes give the same table: order "
-          f"{'identical' if same_order else 'DIFFERENT'}, max relative κ difference {max_rel:.1e}")
+    lines = [f"κ scan of a Llama at SmolLM2-135M shapes, {args.layers} layers ({n} matrices, max_dim={MAX_DIM}); "
+             f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPU(s)",
+             f"load average before {load0[0]:.2f}, after {load1[0]:.2f}; {args.rounds} rounds × {args.repeats} "
+             f"timed scans per mode; total {time.perf_counter() - t_start:.0f}s", "",
+             "| mode | scans | median wall (s) | min (s) | vs 1 rank × 1 thread | vs 1 rank × 2 BLAS threads |",
+             "|---|---|---|---|---|---|"]
+    for label, _, _, _ in modes:
+        lines.append(f"| {label} | {len(times[label])} | {med[label]:.3f} | {min(times[label]):.3f} | "
+                     f"{b1 / med[label]:.2f}× | {b2 / med[label]:.2f}× |")
+    lines += ["", f"ratio = baseline median / mode median (> 1: faster). All modes give the same table: order "
+              f"{'identical' if same_order else 'DIFFERENT'}, max relative κ difference {max_rel:.1e}"]
+    print("\n" + "\n".join(lines))
+    if args.save:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results_io import machine_info, write_results
+
+        write_results("scan_distributed", {"layers": args.layers, "matrices": n, "rounds": args.rounds,
+                                           "repeats": args.repeats, "load_before": load0, "load_after": load1,
+                                           "times": times, "median": med, "same_order": same_order,
+                                           "max_rel_kappa_diff": max_rel},
+                      "\n".join(lines), title="Scan over 2 cores: threads (workers) vs processes (ranks)",
+                      info=machine_info(), notes=args.note)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "layers": args.layers, "matrices": n, "rounds": args.rounds, "repeats": args.repeats,
