@@ -326,10 +326,14 @@ def _qr_extremes(a: torch.Tensor, lmax: torch.Tensor) -> Tuple[torch.Tensor, tor
     b, s = r.shape[0], r.shape[-1]
     diag = r.diagonal(dim1=-2, dim2=-1).abs()
     usable = (diag.amin(-1) > 0) & torch.isfinite(diag).all(-1)
-    h = torch.cholesky_inverse(torch.where(usable[:, None, None], r, torch.eye(s, dtype=r.dtype, device=r.device)),
-                               upper=True)  # H = (Rᵀ R)⁻¹ = R⁻¹ R⁻ᵀ, never forming Rᵀ R
-    usable &= torch.isfinite(h).flatten(1).all(-1)
-    h = torch.where(usable[:, None, None], h, torch.eye(s, dtype=h.dtype, device=h.device))
+    if not bool(usable.all()):  # an exactly singular R: a harmless stand-in, the SVD decides
+        r = torch.where(usable[:, None, None], r, torch.eye(s, dtype=r.dtype, device=r.device))
+    h = torch.cholesky_inverse(r, upper=True)  # H = (Rᵀ R)⁻¹ = R⁻¹ R⁻ᵀ, never forming Rᵀ R
+    del r
+    # H is positive semi-definite, |H_ij| <= sqrt(H_ii H_jj): a finite diagonal means a finite H.
+    usable &= torch.isfinite(h.diagonal(dim1=-2, dim2=-1)).all(-1)
+    if not bool(usable.all()):
+        h = torch.where(usable[:, None, None], h, torch.eye(s, dtype=h.dtype, device=h.device))
     mu, _ = _krylov_max(lambda x: x @ h, b, s, h)
     ok = usable & _cholesky_ok(_shifted(h, mu * (1 + _CERT_TAU), -1.0))
     lmin = 1.0 / mu
