@@ -222,6 +222,8 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
     :math:`\\ge 1` per matrix, none above :math:`\\sigma_{\\max}/\\sigma_{\\min}`, and κ their mean
     (or maximum).
     """
+    if entry is _DUPLICATE:
+        raise InvalidEntry("its key appears twice in the file (duplicate key)")
     if not isinstance(entry, dict):
         raise InvalidEntry(f"it is {type(entry).__name__}, not an object")
     layout = entry.get("layout")
@@ -413,9 +415,13 @@ class _JsonStore:
         self.entries: Dict[str, dict] = {}
         self.malformed = 0
 
-    def read(self, quiet: bool = False) -> Dict[str, dict]:
-        """Validated entries on disk (``quiet``: no warning about bad entries). Raises _NotOurs,
-        _Unreadable or _Corrupt."""
+    def read(self, quiet: bool = False, validate: bool = True) -> Dict[str, Any]:
+        """Entries on disk. Raises _NotOurs, _Unreadable or _Corrupt.
+
+        ``validate``: only the valid ones, in their normalised form (what a save writes back);
+        else as parsed, for lookups, which validate each entry they use. ``quiet``: no warning
+        about invalid entries.
+        """
         raw = _read_bytes(self.path)
         if raw is None:
             return {}
@@ -440,6 +446,8 @@ class _JsonStore:
         if not isinstance(entries, dict):
             raise _Corrupt("its 'entries' is not an object" + (" (the key is duplicated)"
                                                                 if entries is _DUPLICATE else ""))
+        if not validate:
+            return entries
         good: Dict[str, dict] = {}
         first = ""
         for k, e in entries.items():
@@ -990,7 +998,7 @@ class KappaCache:
         self._loaded = True
         try:
             if self._json is not None:
-                self._json.entries = self._json.read()
+                self._json.entries = self._json.read(validate=False)  # each entry checked when used
             else:
                 self._sql.connect()  # type: ignore[union-attr]
         except _NotOurs as e:
