@@ -173,6 +173,17 @@ def test_default_cpu_path_is_dense_and_exact(monkeypatch):
     assert spy.ran("dense") and not spy.ran("certified") and not spy.ran("qr") and not spy.ran("svd")
 
 
+def test_dense_just_below_and_above_the_gram_switch(monkeypatch):
+    m, n = 200, 450
+    ks = gram_switch_kappa(m, n)
+    for kappa, qr_expected in [(0.9 * ks, False), (1.1 * ks, True)]:
+        spy = Spy(monkeypatch)
+        w = with_singular_values(m, n, np.geomspace(kappa, 1.0, m), seed=12)
+        got = kappatune.condition_number(w)
+        assert rel(got, kappa) < 1e-6 and rel(got, reference_kappa(w)) < 1e-6
+        assert spy.ran("dense") and spy.ran("qr") == qr_expected and not spy.ran("svd"), kappa
+
+
 def test_dense_through_torch_above_its_switch(monkeypatch):
     monkeypatch.setattr(K, "_TORCH_EIGVALSH_MIN_CPU", 100)
     called = []
