@@ -791,7 +791,7 @@ class KappaCache:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         p = Path(path).expanduser() if path is not None else default_cache_dir()
-        suffix = p.suffix.lower()
+        suffix = "" if p.is_dir() else p.suffix.lower()  # an existing folder is a folder, whatever its name
         self._json: Optional[_JsonStore] = None
         self._sql: Optional[_SqliteStore] = None
         if suffix == ".json":
