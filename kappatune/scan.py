@@ -222,7 +222,8 @@ def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute:
         else:
             tensor = load_tensor(ref)
             digest = tensor_digest(tensor)
-        hit = None if recompute else cache.get(KappaCache.key(digest, ref.resolved_layout))
+        hit = None if recompute else cache.get(KappaCache.key(digest, ref.resolved_layout), shape=ref.shape,
+                                               dtype=ref.dtype)
         if hit is not None:
             yield Looked(ref, digest, _result_from_entry(hit))
         else:

@@ -275,3 +275,16 @@ def test_a_failing_inner_load_puts_everything_back(tiny_llama):
     assert not opt._freeze.restored
     opt._freeze.restore()
     assert all(p.requires_grad for p in tiny_llama.parameters())   # the user's flags come back
+
+
+def test_a_cache_entry_for_another_shape_or_dtype_is_not_used(tmp_path):
+    """An entry under the right key but describing another tensor (shape, dtype) is recomputed, not trusted."""
+    lin = nn.Linear(6, 4)
+    good = kappatune.scan(lin, cache=None, progress=False)["weight"]
+    for shape, dtype in (((2, 12), "float32"), ((4, 6), "float16")):
+        cache = kappatune.KappaCache(tmp_path / f"c{shape[0]}{dtype}")
+        cache.put(kappatune.KappaCache.key(good.digest or kappatune.tensor_digest(lin.weight.detach()), "matrix"),
+                  kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=shape, dtype=dtype, layout="matrix")
+        cache.save()
+        again = kappatune.scan(lin, cache=kappatune.KappaCache(cache.path), progress=False)["weight"]
+        assert again.kappa == good.kappa != 2.0
