@@ -250,19 +250,24 @@ def resolve_workers(num_workers: Optional[int] = None) -> int:
 
 
 @contextlib.contextmanager
-def _one_blas_thread_per_worker() -> Iterator[None]:
-    # Parallel over matrices, not inside them: torch's intra-op threads (OpenMP, MKL) and numpy's
-    # BLAS (OpenBLAS, through threadpoolctl) run one thread per worker while the workers run;
-    # both are restored afterwards. Measured (benchmarks/results/scan_speed): on these sizes
-    # 2 BLAS threads in one matrix are slower than 1, 2 matrices at once are about 2x faster.
+def _blas_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads and numpy's BLAS (OpenBLAS, through threadpoolctl) at ``threads``
+    while the block runs; both are restored afterwards.
+
+    numpy's BLAS otherwise keeps its own count (the cores), whatever ``torch.set_num_threads``
+    says: one worker under ``torch.set_num_threads(1)`` then still ran 2 BLAS threads, which on a
+    loaded 2-core machine made the scan 4-6x slower (measured here). Parallel workers get one
+    thread each: measured (benchmarks/results/scan_speed), on these sizes 2 BLAS threads in one
+    matrix are slower than 1, and 2 matrices at once are about 2x faster.
+    """
     prev = torch.get_num_threads()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # numpy's BLAS then keeps its own thread count
         limits: Any = contextlib.nullcontext()
     else:
-        limits = threadpool_limits(limits=1, user_api="blas")
-    torch.set_num_threads(1)
+        limits = threadpool_limits(limits=threads, user_api="blas")
+    torch.set_num_threads(threads)
     try:
         with limits:
             yield
@@ -274,7 +279,7 @@ def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Opti
                   ) -> Dict[str, KappaResult]:
     """Step 3 in one process: κ of every item without a cached result.
 
-    With one worker the tensors are analysed one at a time (BLAS keeps its thread count). With
+    With one worker the tensors are analysed one at a time, numpy's BLAS using torch's thread count. With
     ``w > 1`` workers, ``w`` tensors are analysed at once by a thread pool (the linear algebra
     releases the GIL), each with one BLAS thread, and at most ``2w`` tensors are in hand at a time,
     so peak memory does not grow with the model. Each κ depends only on its own matrix: with one
@@ -292,12 +297,13 @@ def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Opti
     workers = resolve_workers(num_workers)
     out: Dict[str, KappaResult] = {}
     if workers == 1:
-        for it in items:
-            if it.cached is None:
-                out[it.ref.name] = _kappa_of(it.ref, it.tensor)
-                it.tensor = None
-            if bar is not None:
-                bar.update(1)
+        with _blas_threads(max(1, torch.get_num_threads())):  # numpy's BLAS follows torch's setting
+            for it in items:
+                if it.cached is None:
+                    out[it.ref.name] = _kappa_of(it.ref, it.tensor)
+                    it.tensor = None
+                if bar is not None:
+                    bar.update(1)
         return out
 
     from concurrent.futures import ThreadPoolExecutor
@@ -311,7 +317,7 @@ def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Opti
         if bar is not None:
             bar.update(1)
 
-    with _one_blas_thread_per_worker():
+    with _blas_threads(1):
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kappatune-scan")
         try:
             in_flight = 0

@@ -288,3 +288,35 @@ def test_a_cache_entry_for_another_shape_or_dtype_is_not_used(tmp_path):
         cache.save()
         again = kappatune.scan(lin, cache=kappatune.KappaCache(cache.path), progress=False)["weight"]
         assert again.kappa == good.kappa != 2.0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_numpy_blas_follows_torch_threads_during_the_scan(monkeypatch, workers):
+    """One worker under torch.set_num_threads(1) must not run numpy's BLAS on every core (4-6x slower on a
+    loaded machine); parallel workers run one BLAS thread each; the settings come back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import sys
+
+    scan_mod = sys.modules["kappatune.scan"]
+
+    seen = []
+    real = scan_mod._kappa_of
+
+    def spy(ref, tensor=None):
+        seen.append({i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"})
+        return real(ref, tensor)
+
+    monkeypatch.setattr(scan_mod, "_kappa_of", spy)
+    before = threadpoolctl.threadpool_info()
+    prev = torch.get_num_threads()
+    try:
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            torch.set_num_threads(1)
+            kappatune.scan(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), cache=None, progress=False,
+                           num_workers=workers)
+            assert torch.get_num_threads() == 1
+            assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} == {2}
+    finally:
+        torch.set_num_threads(prev)
+    assert seen and all(s <= {1} for s in seen), seen
+    assert threadpoolctl.threadpool_info() == before
