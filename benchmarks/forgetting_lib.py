@@ -43,6 +43,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forgetting_v2 import synthetic_windows  # noqa: E402  (one Markov-chain generator for both studies)
+
 METHODS = ("full", "kappa_low", "kappa_high", "random", "lora")
 LABELS = {"full": "full FT", "kappa_low": "κ-low", "kappa_high": "κ-high", "random": "random", "lora": "LoRA"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -197,18 +200,6 @@ def real_data(tokenizer, cfg: BenchConfig) -> BenchData:
     th = text_windows(tokenizer, kjv_held, cfg.seq_len, tsep)
     ch = text_windows(tokenizer, wiki_held, cfg.seq_len, csep)
     return make_data(tt, th, ch, cfg)
-
-
-def synthetic_windows(vocab: int, n: int, seq_len: int, seed: int, branching: int = 3) -> torch.Tensor:
-    """Token windows from a seeded sparse Markov chain (each token has ``branching`` successors)."""
-    g = torch.Generator().manual_seed(seed)
-    succ = torch.randint(0, vocab, (vocab, branching), generator=g)
-    out = torch.empty(n, seq_len, dtype=torch.long)
-    cur = torch.randint(0, vocab, (n,), generator=g)
-    for j in range(seq_len):
-        out[:, j] = cur
-        cur = succ[cur, torch.randint(0, branching, (n,), generator=g)]
-    return out
 
 
 def tiny_model_and_data(cfg: BenchConfig, layers: int = 4, hidden: int = 64, vocab: int = 128):

@@ -14,14 +14,9 @@ import torch
 import kappatune
 import kappatune.kappa as K
 
+from .test_kappa import with_singular_values
 
-def with_singular_values(m, n, s, seed=0):
-    rng = np.random.default_rng(seed)
-    k = min(m, n)
-    assert len(s) == k
-    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
-    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
-    return torch.from_numpy((u * np.asarray(s, dtype=np.float64)) @ v.T)
+
 
 
 def reference_kappa(t):
