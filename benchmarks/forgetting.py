@@ -31,7 +31,12 @@ config-built model with synthetic data (the test). The v1 benchmark is ``benchma
 Outputs (``--out``, default ``benchmarks/results/forgetting_v2``): ``runs/<run>.json`` (one per
 finished run, with per-window losses, wall and CPU time), ``base.json``, ``selections.json`` (every
 seed's tensors, fixed at the first start), ``results.md``, ``summary.json``, ``frontier.png``,
-``sequential.png``. While running, ``runner.pid`` holds the runner's PID.
+``sequential.png``. While running, ``runner.pid`` holds the (last started) runner's PID.
+
+Several workers may share one ``--out`` folder, e.g. one per core (``--threads 1``) or one per GPU
+(``CUDA_VISIBLE_DEVICES=i``): start the same command several times. Each worker claims a run in
+``claims/`` before training it (a dead worker's claim is taken over), skips the runs others hold and
+waits while only those are ready, since seeds 1.. wait for seed 0's LR grid.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -931,9 +932,9 @@ def plan(cfg: StudyConfig, done: Mapping[str, Mapping[str, Any]], phases: Sequen
          ) -> Tuple[List[RunSpec], List[str], Dict[str, Optional[float]]]:
     """``(ready in run order, waiting, chosen LR per arm)``.
 
-    Order: seed 0's LR grid of every arm but full FT; seeds 1.. at each arm's chosen LR; full FT's
-    grid and seeds (≈3x slower per step, a reference curve); then the long phase, then the
-    sequential phase (both at the chosen LR)."""
+    Order: seed 0's LR grid of every arm but full FT; seeds 1.. at each arm's chosen LR; the long
+    phase, then the sequential phase (both at the chosen LR); last full FT's grid and seeds (a
+    reference curve, ≈2x slower per run, that no endpoint compares against)."""
     arms = _arm_order(cfg.arms)
     chosen: Dict[str, Optional[float]] = {}
     ready: List[Tuple[int, int, RunSpec]] = []
@@ -941,14 +942,14 @@ def plan(cfg: StudyConfig, done: Mapping[str, Mapping[str, Any]], phases: Sequen
     s0 = cfg.seeds[0]
     for ai, a in enumerate(arms):
         grid = [RunSpec(a, lr, s0, "main") for lr in cfg.lrs[a]]
-        late = 2 if a == "full" else 0
+        late = 6 if a == "full" else 0
         ready += [(late, ai, s) for s in grid if s.run_id not in done]
         if all(s.run_id in done for s in grid):
             chosen[a] = choose_lr([done[s.run_id] for s in grid])
         else:
             chosen[a] = None
     for ai, a in enumerate(arms):
-        late = 3 if a == "full" else 1
+        late = 7 if a == "full" else 1
         lr = chosen[a]
         if lr is None:
             waiting.append(f"main {a} seeds {list(cfg.seeds[1:])} (wait for seed {s0}'s LR grid)")
@@ -1011,8 +1012,13 @@ def describe_selections(sel: Mapping[str, Any], log: Callable[[str], None] = pri
 
 def run_study(base_model, table, data: StudyData, cfg: StudyConfig, out: Path, device, phases=PHASES,
               progress: bool = True, log: Callable[[str], None] = print, max_runs: Optional[int] = None,
-              kcache_path: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
-    """Run every planned run not yet in ``out/runs`` (each saved atomically as it finishes)."""
+              kcache_path: Optional[Path] = None, poll_s: float = 30.0) -> Dict[str, Dict[str, Any]]:
+    """Run every planned run not yet in ``out/runs`` (each saved atomically as it finishes).
+
+    Several processes may run this on one ``out`` at once (one per core or GPU): each claims a run in
+    ``out/claims`` before training it, skips runs other live workers hold, and waits (polling every
+    ``poll_s`` seconds) while only others' runs are ready, since their results may unlock the next
+    groups (seeds 1.. wait for seed 0's LR grid)."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.to_dict())
@@ -1025,23 +1031,94 @@ def run_study(base_model, table, data: StudyData, cfg: StudyConfig, out: Path, d
     sel = selections(table, base_model, cfg, out, lambda: spectrum.snr_table(
         {n: p for n, p in base_model.named_parameters() if n in set(table.names)}), log)
     describe_selections(sel, log)
+    claims = out / "claims"
+    claims.mkdir(exist_ok=True)
     done = load_runs(out, cfg)
     n = 0
+    said_wait = False
     while max_runs is None or n < max_runs:
+        done = load_runs(out, cfg)                # other workers' runs count as they land
         ready, waiting, _ = plan(cfg, done, phases)
         if not ready:
             break
-        spec = ready[0]
+        spec = next((s for s in ready if claim_run(claims, s.run_id)), None)
+        if spec is None:                          # every ready run is another live worker's
+            if not said_wait:
+                log(f"{len(ready)} ready run(s) are being trained by other workers; waiting for them")
+                said_wait = True
+            time.sleep(poll_s)
+            continue
+        said_wait = False
         log(f"[run {len(done) + 1}; {len(ready)} ready, {len(waiting)} waiting] {spec.run_id}")
-        if spec.phase == "seq":
-            rec = run_sequential(base_model, spec, sel, data, cfg, base, device, kcache_path, progress)
-        else:
-            rec = run_main(base_model, spec, sel, data, cfg, base, device, progress)
-        atomic_write_json(out / "runs" / f"{spec.run_id}.json", rec)
+        try:
+            if spec.phase == "seq":
+                rec = run_sequential(base_model, spec, sel, data, cfg, base, device, kcache_path, progress)
+            else:
+                rec = run_main(base_model, spec, sel, data, cfg, base, device, progress)
+            atomic_write_json(out / "runs" / f"{spec.run_id}.json", rec)
+        finally:
+            release_run(claims, spec.run_id)
         done[spec.run_id] = rec
         n += 1
         log(f"    {spec.run_id}: {_run_line(rec)}")
     return done
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                       # alive, another user's
+        return True
+    return True
+
+
+def _claim_alive(path: Path) -> bool:
+    """Whether ``path`` is held by a live process on this host (claims from other hosts count as live)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if d.get("host") != socket.gethostname():
+        return True
+    return isinstance(d.get("pid"), int) and _pid_alive(d["pid"])
+
+
+def claim_run(claims: Path, run_id: str) -> bool:
+    """Claim ``run_id`` for this process, so that several workers (processes, GPUs) can share one
+    results folder: the claim file is created exclusively; a claim left by a dead process on this
+    host is taken over. Returns whether this process now holds the run."""
+    path = Path(claims) / f"{run_id}.claim"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                d = {}
+            if d.get("pid") == os.getpid() and d.get("host") == me["host"]:
+                return True
+            if _claim_alive(path):
+                return False
+            try:                                  # stale: remove and retry the exclusive create once
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def release_run(claims: Path, run_id: str) -> None:
+    try:
+        (Path(claims) / f"{run_id}.claim").unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _fmt(x: Optional[float], nd: int = 4, sign: bool = True) -> str:

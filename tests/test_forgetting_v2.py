@@ -129,6 +129,46 @@ def test_resume_redoes_only_missing_runs_and_refuses_other_settings(study, tmp_p
         fv.load_runs(out, other)
 
 
+def test_claims_let_workers_share_a_folder(tmp_path):
+    import socket
+    import subprocess
+
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    assert fv.claim_run(claims, "a") and fv.claim_run(claims, "a")        # exclusive, re-entrant for the holder
+    assert json.loads((claims / "a.claim").read_text())["pid"] == __import__("os").getpid()
+    live = {"pid": __import__("os").getppid(), "host": socket.gethostname()}
+    (claims / "b.claim").write_text(json.dumps(live))
+    assert not fv.claim_run(claims, "b")                                    # a live worker holds it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (claims / "c.claim").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert fv.claim_run(claims, "c")                                        # a dead worker's claim is taken over
+    (claims / "d.claim").write_text("{torn")
+    assert fv.claim_run(claims, "d")                                        # unreadable claim: stale
+    fv.release_run(claims, "a")
+    assert not (claims / "a.claim").exists()
+
+
+def test_a_second_worker_skips_runs_another_worker_holds(study, tmp_path, capsys):
+    import os
+    import shutil
+    import socket
+
+    out = tmp_path / "copy"
+    shutil.copytree(study, out)
+    a, b = sorted((out / "runs").glob("main_*_s1_*.json"))[:2]
+    a.unlink()
+    b.unlink()
+    (out / "claims").mkdir(exist_ok=True)
+    (out / "claims" / f"{a.stem}.claim").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    capsys.readouterr()
+    assert forgetting.main(_args(out, "--no-plot", "--max-runs", "1")) == 0
+    log = capsys.readouterr().out
+    started = [line for line in log.splitlines() if "[run " in line]
+    assert len(started) == 1 and started[0].endswith(b.stem)
+    assert b.exists() and not a.exists() and not (out / "claims" / f"{b.stem}.claim").exists()
+
+
 @pytest.fixture(scope="module")
 def table_and_model():
     cfg = fv.tiny_config()
