@@ -824,9 +824,13 @@ class KappaCache:
         return state
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            if self._sql is not None:
-                self._sql.close()
+        # no module globals here: at interpreter shutdown they may already be None
+        sql = self.__dict__.get("_sql")
+        if sql is not None:
+            try:
+                sql.close()
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                pass
 
     # -- keys and entries --------------------------------------------------------------
     @staticmethod

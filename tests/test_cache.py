@@ -636,3 +636,17 @@ def test_network_file_system_uses_the_rollback_journal(tmp_path, monkeypatch):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     con.close()
     assert len(KappaCache(tmp_path)) == n_eligible(make_tiny_llama())
+
+
+def test_a_cache_alive_at_interpreter_exit_closes_quietly(tmp_path):
+    """A module-level cache is finalized while the interpreter tears its modules down: no
+    "Exception ignored in KappaCache.__del__" on stderr."""
+    code = textwrap.dedent(f"""
+        import torch, kappatune
+        cache = kappatune.KappaCache({str(tmp_path / "c")!r})
+        table = kappatune.scan(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), cache=cache)
+        assert len(table) == 2
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr
