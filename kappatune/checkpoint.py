@@ -357,7 +357,7 @@ def scan_checkpoint(path_or_paths: Union[PathLike, Sequence[PathLike]], **scan_k
         path_or_paths: a model folder, an index file (``model.safetensors.index.json``) or one or
             more ``.safetensors`` files.
         **scan_kwargs: as :func:`kappatune.scan`: ``min_ndim``, ``max_dim``, ``include``,
-            ``exclude``, ``cache``, ``recompute``, ``aggregate``, ``progress``.
+            ``exclude``, ``cache``, ``recompute``, ``aggregate``, ``progress``, ``num_workers``.
 
     Tensors are read one at a time (memory-mapped), so peak memory stays near one tensor and
     its float64 copy. The names are the checkpoint keys, i.e. the model's

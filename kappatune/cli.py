@@ -36,7 +36,7 @@ __all__ = ["main", "build_parser", "SCAN_FORMAT", "read_scan", "write_output"]
 
 SCAN_FORMAT = "kappatune-scan"
 SCAN_VERSION = 1
-_SCAN_ONLY = ("min_ndim", "max_dim", "aggregate", "cache_dir", "no_cache", "recompute")
+_SCAN_ONLY = ("min_ndim", "max_dim", "aggregate", "cache_dir", "no_cache", "recompute", "workers")
 
 
 class CLIError(Exception):
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="κ cache folder (or a .sqlite or .json file); the library's default: "
                         "$KAPPATUNE_CACHE_DIR, else $XDG_CACHE_HOME/kappatune, else ~/.cache/kappatune")
+    s.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="matrices analysed at once, one BLAS thread each (default: torch's thread count, "
+                        "i.e. OMP_NUM_THREADS or the cores)")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the κ cache")
     s.add_argument("--recompute", action="store_true", help="ignore cached κ values (fresh values are still stored)")
     s.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -284,6 +287,7 @@ def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     from . import __version__
     from .cache import KappaCache, default_cache_dir
     from .checkpoint import checkpoint_files, checkpoint_refs
+    from .scan import resolve_workers as scan_workers
     from .scan import scan_refs
 
     files = checkpoint_files(args.paths)
@@ -299,7 +303,7 @@ def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     }
     t0 = time.perf_counter()
     table = scan_refs(refs, cache=cache if cache is not None else False, recompute=args.recompute,
-                      progress=progress, **options)
+                      progress=progress, num_workers=args.workers, **options)
     seconds = time.perf_counter() - t0
     hits = 0 if cache is None else cache.hits
     doc = {
@@ -318,6 +322,7 @@ def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
             "from_cache": hits,
             "computed": len(table) - hits,
             "seconds": round(seconds, 3),
+            "workers": scan_workers(args.workers),
             "cache": None if cache is None else str(cache.path),
         },
         "table": table.to_dict(),

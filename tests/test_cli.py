@@ -232,6 +232,34 @@ def test_in_process_formats_and_argument_errors(tmp_path, capsys):
         assert "--include" in capsys.readouterr().out
 
 
+def test_workers_reach_the_scan_and_change_no_value(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    import importlib
+
+    scan_mod = importlib.import_module("kappatune.scan")   # the module (kappatune.scan is the function)
+    torch.manual_seed(0)
+    save_file({f"layers.{i}.w": torch.randn(24, 16) for i in range(6)}, str(tmp_path / "w.safetensors"))
+    seen = []
+    real = scan_mod.resolve_workers
+    monkeypatch.setattr(scan_mod, "resolve_workers", lambda n=None: seen.append(n) or real(n))
+    docs = {}
+    for w in ("1", "3"):
+        out = tmp_path / f"t{w}.json"
+        assert cli.main(["scan", str(tmp_path / "w.safetensors"), "--no-cache", "--workers", w, "-o", str(out)]) == 0
+        docs[w] = json.loads(out.read_text())
+    assert 1 in seen and 3 in seen
+    assert docs["1"]["summary"]["workers"] == 1 and docs["3"]["summary"]["workers"] == 3
+    assert docs["1"]["table"] == docs["3"]["table"]                   # the same κ values, bit for bit
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["scan", str(tmp_path / "w.safetensors"), "--no-cache", "--workers", "0"])
+    assert exc.value.code == 2
+    assert "argument --workers: expected a whole number >= 1" in capsys.readouterr().err
+    assert cli.main(["show", str(tmp_path / "t1.json"), "--workers", "2"]) == 2   # a saved scan: refused
+    assert "--workers only applies when scanning a checkpoint" in capsys.readouterr().err
+
+
 def test_default_cache_dir_is_the_librarys(tmp_path):
     """The command line uses kappatune.cache.default_cache_dir(), wherever it runs (no ./cache rule)."""
     from safetensors.torch import save_file
