@@ -183,3 +183,7 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     # the reference is generated from the docstrings: the optimizer's page documents its arguments
     html = (site / "reference/optimizer/index.html").read_text(encoding="utf-8")
     assert "KappaTuneOptimizer" in html and "param_budget" in html
+    # Sphinx markup of the docstrings is rendered: no role prefixes, math marked for MathJax
+    kappa = (site / "reference/kappa/index.html").read_text(encoding="utf-8")
+    assert '<div class="arithmatex">\\[' in kappa and '<span class="arithmatex">\\(' in kappa
+    assert ".. math::" not in kappa and ":math:" not in kappa and ":func:" not in html
