@@ -47,21 +47,30 @@ def _pw(points: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.asarray([p[key] for p in points], dtype=np.float64)          # (K, n)
 
 
-def _curve_endpoint(run, Wt, Wc, level: float) -> np.ndarray:
+def _curve_endpoint(run, Wt, Wc, level: float, base_task_pw: np.ndarray) -> np.ndarray:
+    """Control-loss increase where the run's task curve crosses ``level``, per bootstrap replicate.
+
+    The level is defined on the base model's task loss (L* = base − Δ), so it moves with the
+    resampled windows: replicate b uses ``level + (W_b − W_0)·base``, row 0 exactly ``level``."""
     pts = [c for c in run["curve"] if "task_curve_pw" in c]
     T = Wt @ _pw(pts, "task_curve_pw").T
     C = Wc @ _pw(pts, "control_curve_pw").T
-    return st.crossing_batch(T, C, level) - C[:, 0]
+    b = Wt @ np.asarray(base_task_pw, dtype=np.float64)
+    return st.crossing_batch(T, C, level + (b - b[0])) - C[:, 0]
 
 
-def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, rng, ref: str = REF) -> Dict[str, Any]:
-    """Every arm against ``ref`` (paired over seeds and windows), Holm over the arms."""
+def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, rng, family: Sequence[str],
+             ref: str = REF) -> Dict[str, Any]:
+    """Every arm against ``ref`` (paired over seeds and windows), Holm over the pre-registered
+    ``family`` (every arm of the phase but ``ref``, whether or not it has a p-value yet)."""
+    m = max(1, len([a for a in family if a != ref]))
     res = {a: st.paired_bootstrap(v, values[ref], B, rng) for a, v in values.items() if a != ref and ref in values}
-    adj = st.holm({a: r["p"] for a, r in res.items()})
+    adj = st.holm({a: r["p"] for a, r in res.items()}, m=m)
     for a, r in res.items():
         r["p_holm"] = adj[a]
         r["mde"] = st.mde(r["se"])
-        r["mde_holm"] = None if r["se"] is None else st.mde(r["se"], alpha_z=st.z_for_alpha(0.05 / max(1, len(res))))
+        r["mde_holm"] = None if r["se"] is None else st.mde(r["se"], alpha_z=st.z_for_alpha(0.05 / m))
+        r["holm_m"] = m
     return res
 
 
@@ -87,7 +96,10 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     tf0 = np.asarray(base["task_final_pw"])
     out: Dict[str, Any] = {"L_star": Ls, "L_long": Ll, "chosen_lr": chosen, "bootstrap": B}
 
-    def by_arm(phase, arms, fn, lr_of=lambda a: chosen.get(a)):
+    def by_arm(phase, arms, fn, lr_of=lambda a: chosen.get(a), curve=False):
+        """``{arm: {seed: (B+1,) values}}``. A diverged run keeps a curve endpoint it reached before
+        diverging (``curve=True``: the pre-registration drops only runs that never reach L*); its
+        last-step values are not used."""
         vals: Dict[str, Dict[int, np.ndarray]] = {}
         for a in arms:
             lr = lr_of(a)
@@ -95,15 +107,20 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                 continue
             for s in cfg.seeds:
                 r = runs.get(fv.RunSpec(a, lr, s, phase).run_id)
-                if r is not None and not r.get("diverged"):
-                    vals.setdefault(a, {})[s] = fn(r)
+                if r is None or (r.get("diverged") and not curve):
+                    continue
+                v = fn(r)
+                if curve and r.get("diverged") and not np.isfinite(v[0]):
+                    continue
+                vals.setdefault(a, {})[s] = v
         return vals
 
     # main phase
     arms = fv._arm_order(cfg.arms)
-    prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls))
+    btc = base["task_curve_pw"]
+    prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls, btc), curve=True)
     last = by_arm("main", arms, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
-    cmp_p, cmp_l = _compare(prim, B, rng), _compare(last, B, rng)
+    cmp_p, cmp_l = _compare(prim, B, rng, arms), _compare(last, B, rng, arms)
     main: Dict[str, Any] = {}
     for a in arms:
         rs = [runs.get(fv.RunSpec(a, chosen[a], s, "main").run_id) if chosen.get(a) else None for s in cfg.seeds]
@@ -133,17 +150,17 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     expl: Dict[str, Any] = {}
     for delta in EXPLORATORY_DELTAS:
         lev = base["task_curve_loss"] - delta
-        vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev))
-        cmp_e = _compare(vals, B, rng)
+        vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev, btc), curve=True)
+        cmp_e = _compare(vals, B, rng, arms)
         expl[f"{delta:g}"] = {a: {"seeds": _seedvals(vals.get(a, {}), cfg.seeds), "vs_kappa_low": _slim(cmp_e.get(a))}
                               for a in arms}
     out["exploratory"] = expl
     # long phase
     la = fv._arm_order(cfg.long_arms)
     long_last = by_arm("long", la, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
-    long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll))
-    long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls))
-    cl, cd = _compare(long_last, B, rng), _compare(long_deep, B, rng)
+    long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll, btc), curve=True)
+    long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls, btc), curve=True)
+    cl, cd = _compare(long_last, B, rng, la), _compare(long_deep, B, rng, la)
     out["long"] = {a: {"lr": chosen.get(a), "dcontrol_last": _seedvals(long_last.get(a, {}), cfg.seeds),
                        "dcontrol_at_L_long": _seedvals(long_deep.get(a, {}), cfg.seeds),
                        "dcontrol_at_lstar": _seedvals(long_star.get(a, {}), cfg.seeds),
@@ -157,7 +174,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     sq_t = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"])
                                                  - np.asarray(r["after_task1"]["task_final_pw"])))
     sq_t1 = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"]) - tf0))
-    c1, c2, c3 = _compare(sq_c, B, rng), _compare(sq_t, B, rng), _compare(sq_t1, B, rng)
+    c1, c2, c3 = _compare(sq_c, B, rng, sa), _compare(sq_t, B, rng, sa), _compare(sq_t1, B, rng, sa)
     seq: Dict[str, Any] = {}
     for a in sa:
         rs = [runs.get(fv.RunSpec(a, chosen[a], s, "seq").run_id) if chosen.get(a) else None for s in cfg.seeds]
@@ -195,8 +212,10 @@ def _per_step(runs, arm) -> Optional[float]:
 def _slim(r: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     if r is None:
         return None
-    return {k: r.get(k) for k in ("mean_diff", "ci95", "p", "p_holm", "se", "mde", "mde_holm", "t_ci95", "seeds",
-                                  "diffs", "valid")}
+    d = {k: r.get(k) for k in ("mean_diff", "ci95", "p", "p_holm", "holm_m", "se", "mde", "mde_holm", "t_ci95",
+                               "diffs", "valid")}
+    d["paired_seeds"] = r.get("seeds")
+    return d
 
 
 def verdict(c: Optional[Mapping[str, Any]], what: str = "forgets", unit: str = "nats") -> str:
@@ -204,10 +223,14 @@ def verdict(c: Optional[Mapping[str, Any]], what: str = "forgets", unit: str = "
     if c is None or c.get("mean_diff") is None:
         return "no paired seeds yet"
     if c.get("ci95") is None:
-        return f"mean diff {c['mean_diff']:+.4f} {unit} on {len(c['seeds'])} paired seed(s): too few seeds for a CI"
+        n = len(c["paired_seeds"])
+        why = "too few seeds for a CI" if n < 2 else "too few bootstrap replicates kept (curves miss L*)"
+        return f"mean diff {c['mean_diff']:+.4f} {unit} on {n} paired seed(s): {why}"
     lo, hi = c["ci95"]
-    s = (f"diff {c['mean_diff']:+.4f} {unit}, 95% CI [{lo:+.4f}, {hi:+.4f}], p_holm {c['p_holm']:.3g}, "
-         f"MDE {c['mde']:.4f}, t-CI [{c['t_ci95'][0]:+.4f}, {c['t_ci95'][1]:+.4f}], {len(c['seeds'])} seeds")
+    s = (f"diff {c['mean_diff']:+.4f} {unit}, 95% CI [{lo:+.4f}, {hi:+.4f}], p_holm {c['p_holm']:.3g} "
+         f"(m={c['holm_m']}), MDE {c['mde']:.4f} (at Holm's first level {c['mde_holm']:.4f}), t-CI "
+         f"[{c['t_ci95'][0]:+.4f}, {c['t_ci95'][1]:+.4f}], {len(c['paired_seeds'])} seeds, "
+         f"{c['valid']:.0%} of replicates kept")
     if (lo > 0 or hi < 0) and c["p_holm"] is not None and c["p_holm"] < 0.05:
         tlo, thi = c["t_ci95"]
         note = "; the paired-t interval over seeds includes zero" if tlo <= 0 <= thi else ""
@@ -384,7 +407,12 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
             out.append(f"- {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'])}.")
     for a, s in A["long"].items():
         if a != REF:
-            out.append(f"- long ({cfg.long_steps} steps), {fv.LABELS[a]}: last step {verdict(s['last_vs_kappa_low'])}.")
+            dt = [x for x in s["dtask_last"] if x is not None]
+            dr = [x for x in A["long"].get(REF, {}).get("dtask_last", []) if x is not None]
+            dtask = (f" (Δtask at the last step, mean over seeds: {np.mean(dt):+.3f}"
+                     + (f", κ-low {np.mean(dr):+.3f}" if dr else "") + ")") if dt else ""
+            out.append(f"- long ({cfg.long_steps} steps), {fv.LABELS[a]}: last step {verdict(s['last_vs_kappa_low'])}"
+                       f"{dtask}.")
     for a, s in A["sequential"].items():
         if a != REF:
             out.append(f"- sequential, {fv.LABELS[a]}: control {verdict(s['vs_kappa_low'])}; task 1 "
@@ -392,13 +420,19 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
     return out
 
 
-def summary(cfg, A, base, runs, ready, waiting) -> Dict[str, Any]:
-    def arm_entry(m, key="vs_kappa_low"):
-        d = dict(m)
-        d["vs_kappa_low"] = m.get(key)
-        return d
+def _finite(x: Any) -> Any:
+    """``x`` with every non-finite float as ``None`` (summary.json stays strict JSON)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
-    return {"arms": {a: arm_entry(m) for a, m in A["main"].items()},
+
+def summary(cfg, A, base, runs, ready, waiting) -> Dict[str, Any]:
+    return _finite({"arms": {a: dict(m) for a, m in A["main"].items()},
             "long": {"arms": A["long"]},
             "sequential": {"arms": {a: dict(m) for a, m in A["sequential"].items()}},
             "exploratory_not_preregistered": A["exploratory"],
@@ -407,7 +441,7 @@ def summary(cfg, A, base, runs, ready, waiting) -> Dict[str, Any]:
             "base": {k: v for k, v in base.items() if not k.endswith("_pw")},
             "config": cfg.to_dict(), "compute": A["compute"], "bootstrap_replicates": A["bootstrap"],
             "finished_runs": sorted(runs), "missing_ready": [s.run_id for s in ready], "missing_waiting": list(waiting),
-            "headline": headline(A, cfg)}
+            "headline": [h.replace("\\*", "*") for h in headline(A, cfg)]})
 
 
 COLORS = {"kappa_low": "tab:blue", "random_kind": "tab:orange", "kappa_high_kind": "tab:red",

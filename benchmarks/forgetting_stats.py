@@ -45,14 +45,16 @@ def crossing(task: Sequence[float], other: Sequence[float], level: float,
     return None
 
 
-def crossing_batch(task: np.ndarray, other: np.ndarray, level: float) -> np.ndarray:
-    """:func:`crossing` over bootstrap replicates: ``task``/``other`` are ``(B, K)``; returns ``(B,)``
-    of ``other`` at the first crossing, ``nan`` where a replicate's curve never reaches ``level``."""
+def crossing_batch(task: np.ndarray, other: np.ndarray, level) -> np.ndarray:
+    """:func:`crossing` over bootstrap replicates: ``task``/``other`` are ``(B, K)``; ``level`` a
+    float or one level per replicate ``(B,)`` (L* follows the resampled base loss); returns ``(B,)``
+    of ``other`` at the first crossing, ``nan`` where a replicate's curve never reaches its level."""
     task = np.asarray(task, dtype=np.float64)
     other = np.asarray(other, dtype=np.float64)
     B, K = task.shape
     out = np.full(B, np.nan)
-    below = task <= level
+    level = np.broadcast_to(np.asarray(level, dtype=np.float64), (B,))
+    below = task <= level[:, None]
     any_ = below.any(axis=1)
     k = np.argmax(below, axis=1)
     rows = np.nonzero(any_)[0]
@@ -63,7 +65,7 @@ def crossing_batch(task: np.ndarray, other: np.ndarray, level: float) -> np.ndar
     r1, k1 = rows[~at0], k[~at0]
     t0, t1 = task[r1, k1 - 1], task[r1, k1]
     d = t0 - t1
-    f = np.where(d == 0, 0.0, (t0 - level) / np.where(d == 0, 1.0, d))
+    f = np.where(d == 0, 0.0, (t0 - level[r1]) / np.where(d == 0, 1.0, d))
     out[r1] = other[r1, k1 - 1] + f * (other[r1, k1] - other[r1, k1 - 1])
     return out
 
@@ -94,7 +96,8 @@ def paired_bootstrap(arm: Mapping[int, np.ndarray], ref: Mapping[int, np.ndarray
         ``mean_diff``, ``ci95`` ``[lo, hi]`` (percentile interval), ``p`` (two-sided bootstrap p:
         ``2·min(P*(d ≤ 0), P*(d ≥ 0))``, at least ``1/B``), ``se`` (bootstrap SD), ``t_ci95`` (paired
         t interval over seeds, a conservative companion for few seeds) and ``valid`` (fraction of
-        replicates with a defined value). With fewer than 2 paired seeds only the point values.
+        replicates kept: a replicate is dropped when any of its drawn seeds has no value, as
+        pre-registered). With fewer than 2 paired seeds only the point values.
     """
     seeds = sorted(s for s in arm if s in ref and np.isfinite(arm[s][0]) and np.isfinite(ref[s][0]))
     diffs = [float(arm[s][0] - ref[s][0]) for s in seeds]
@@ -108,15 +111,14 @@ def paired_bootstrap(arm: Mapping[int, np.ndarray], ref: Mapping[int, np.ndarray
     drawn = np.take_along_axis(D, pick, axis=1)
     import warnings
 
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)        # a replicate whose every draw is "not reached"
-        stat = np.nanmean(np.where(np.isfinite(drawn), drawn, np.nan), axis=1)
-    ok = np.isfinite(stat)
-    stat = stat[ok]
+    ok = np.isfinite(drawn).all(axis=1)          # a replicate in which a drawn curve misses L* is dropped
+    stat = drawn[ok].mean(axis=1)
+    res.update(t_ci95=list(t_interval(diffs)), valid=float(ok.mean()))
+    if stat.size < 2:
+        return res
     lo, hi = np.percentile(stat, [2.5, 97.5])
     p = 2.0 * min(float((stat <= 0).mean()), float((stat >= 0).mean()))
-    res.update(ci95=[float(lo), float(hi)], p=float(min(1.0, max(p, 1.0 / B))), se=float(stat.std(ddof=1)),
-               t_ci95=list(t_interval(diffs)), valid=float(ok.mean()))
+    res.update(ci95=[float(lo), float(hi)], p=float(min(1.0, max(p, 1.0 / B))), se=float(stat.std(ddof=1)))
     return res
 
 
@@ -126,10 +128,9 @@ def t_quantile_975(df: int) -> float:
              10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
     if df in table:
         return table[df]
-    for k in sorted(table):
-        if k > df:
-            return table[k]
-    return Z975
+    if df > max(table):
+        return Z975
+    return table[max(k for k in table if k < df)]      # the next smaller tabulated df: a wider interval
 
 
 def t_interval(xs: Sequence[float]) -> Tuple[float, float]:
@@ -141,13 +142,19 @@ def t_interval(xs: Sequence[float]) -> Tuple[float, float]:
     return float(x.mean() - h), float(x.mean() + h)
 
 
-def holm(pvals: Mapping[str, Optional[float]]) -> Dict[str, Optional[float]]:
+def holm(pvals: Mapping[str, Optional[float]], m: Optional[int] = None) -> Dict[str, Optional[float]]:
     """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1); ``None`` stays ``None``.
 
     With ``m`` p-values sorted ``p_(1) ≤ … ≤ p_(m)``: ``p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) p_(j))``.
+    ``m`` (default: the number of known p-values) is the size of the pre-registered family: a
+    comparison without a p-value yet (too few seeds) still counts, which keeps the correction from
+    loosening while the study is incomplete.
     """
     known = sorted(((p, k) for k, p in pvals.items() if p is not None), key=lambda x: (x[0], x[1]))
-    m = len(known)
+    if m is None:
+        m = len(known)
+    elif m < len(known):
+        raise ValueError(f"holm: family size m={m} is smaller than the {len(known)} p-values given")
     out: Dict[str, Optional[float]] = {k: None for k in pvals}
     run = 0.0
     for i, (p, k) in enumerate(known):

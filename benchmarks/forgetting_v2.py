@@ -921,7 +921,11 @@ def choose_lr(runs: Sequence[Mapping[str, Any]]) -> Optional[float]:
     reached = [r for r in ok if r.get("dcontrol_at_lstar") is not None]
     if reached:
         return min(reached, key=lambda r: (r["dcontrol_at_lstar"], r["lr"]))["lr"]
-    return min(ok, key=lambda r: (r["curve"][-1]["task_curve_loss"], r["lr"]))["lr"]
+    def final_loss(r) -> float:
+        x = r["curve"][-1]["task_curve_loss"]
+        return x if x is not None and math.isfinite(x) else math.inf
+
+    return min(ok, key=lambda r: (final_loss(r), r["lr"]))["lr"]
 
 
 def _arm_order(arms: Sequence[str]) -> List[str]:

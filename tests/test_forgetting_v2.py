@@ -281,12 +281,45 @@ def test_paired_bootstrap_covers_the_true_difference():
     nr = dict(arm)
     nr[1] = np.full(B + 1, np.nan)                                                     # not reached
     assert st.paired_bootstrap(nr, ref, B, np.random.default_rng(2))["seeds"] == [0, 2]
+    part = dict(arm)
+    part[1] = arm[1].copy()
+    part[1][1::2] = np.nan                           # seed 1's curve misses L* in half the replicates
+    pb = st.paired_bootstrap(part, ref, B, np.random.default_rng(2))
+    # pre-registered: a replicate whose drawn seeds include a miss is dropped whole (P(no seed 1) = (2/3)^3)
+    assert pb["valid"] == pytest.approx(0.5 + 0.5 * (2 / 3) ** 3, abs=0.05)
+
+
+def test_lstar_follows_the_resampled_base_loss():
+    """L* = base task loss − Δ on the *resampled* windows: a run whose per-window task and control
+    losses fall by 0.1 per point on every window crosses each replicate's L* at the same Δcontrol."""
+    import forgetting_report as fr
+
+    rng = np.random.default_rng(3)
+    n, B, delta = 32, 400, 0.35
+    base = rng.normal(4.0, 0.5, n)
+    run = {"curve": [{"task_curve_pw": list(base - 0.1 * k), "control_curve_pw": list(base - 0.1 * k)}
+                     for k in range(8)]}
+    W = st.window_weights(n, B, rng)
+    got = fr._curve_endpoint(run, W, W, float(base.mean()) - delta, base)
+    assert got[0] == pytest.approx(-delta) and np.allclose(got, -delta)
+    C = W @ np.stack([np.asarray(c["control_curve_pw"]) for c in run["curve"]]).T
+    fixed = st.crossing_batch(C, C, float(base.mean()) - delta) - C[:, 0]
+    assert np.nanstd(fixed) > 0.01                   # a fixed level would turn window noise into endpoint noise
+    lv = np.full(B + 1, 3.0)
+    lv[0] = 10.0
+    T = np.tile(np.linspace(4, 2, 5), (B + 1, 1))
+    assert st.crossing_batch(T, T, lv)[0] == 4.0 and np.allclose(st.crossing_batch(T, T, lv)[1:], 3.0)
 
 
 def test_holm_and_mde():
     adj = st.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
     assert adj == {"a": pytest.approx(0.03), "b": pytest.approx(0.06), "c": pytest.approx(0.06), "d": None}
     assert st.holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0}
+    fam = st.holm({"a": 0.01, "b": 0.02}, m=7)       # the pre-registered family counts arms without a p yet
+    assert fam == {"a": pytest.approx(0.07), "b": pytest.approx(0.12)}
+    with pytest.raises(ValueError, match="family size"):
+        st.holm({"a": 0.01, "b": 0.02}, m=1)
+    assert st.t_quantile_975(11) == pytest.approx(2.228)   # untabulated df: the wider neighbour
     assert st.mde(0.01) == pytest.approx(0.028, abs=2e-4)
     assert st.z_for_alpha(0.05) == pytest.approx(1.95996, abs=1e-4)
     assert st.t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
