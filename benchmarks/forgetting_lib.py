@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forgetting_v2 import synthetic_windows  # noqa: E402  (one Markov-chain generator for both studies)
+from forgetting_v2 import synthetic_windows, tiny_llama  # noqa: E402  (one tiny model and Markov-chain generator for both studies)
 
 METHODS = ("full", "kappa_low", "kappa_high", "random", "lora")
 LABELS = {"full": "full FT", "kappa_low": "κ-low", "kappa_high": "κ-high", "random": "random", "lora": "LoRA"}
@@ -204,13 +204,7 @@ def real_data(tokenizer, cfg: BenchConfig) -> BenchData:
 
 def tiny_model_and_data(cfg: BenchConfig, layers: int = 4, hidden: int = 64, vocab: int = 128):
     """A random-init LlamaForCausalLM from a config plus synthetic task/control windows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    mcfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                       max_position_embeddings=max(128, cfg.seq_len), tie_word_embeddings=True)
-    model = LlamaForCausalLM(mcfg).float()
+    model = tiny_llama(cfg.seq_len, layers, hidden, vocab)
     n = cfg.cap_steps * cfg.batch + 2 * max(cfg.final_windows, cfg.curve_windows)
     task = synthetic_windows(vocab, n, cfg.seq_len, seed=1)
     control = synthetic_windows(vocab, 2 * cfg.final_windows, cfg.seq_len, seed=2)

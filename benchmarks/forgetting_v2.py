@@ -366,15 +366,20 @@ def synthetic_windows(vocab: int, n: int, seq_len: int, seed: int, branching: in
     return out
 
 
-def tiny_model_and_data(cfg: StudyConfig, layers: int = 4, hidden: int = 64, vocab: int = 128):
-    """A random-init LlamaForCausalLM from a config plus synthetic task / control / task-2 windows."""
+def tiny_llama(seq_len: int, layers: int = 4, hidden: int = 64, vocab: int = 128):
+    """A random-init (seed 0) float32 LlamaForCausalLM built from a config: the harness tests' model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     mcfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                       max_position_embeddings=max(128, cfg.seq_len), tie_word_embeddings=True)
-    model = LlamaForCausalLM(mcfg).float()
+                       max_position_embeddings=max(128, seq_len), tie_word_embeddings=True)
+    return LlamaForCausalLM(mcfg).float()
+
+
+def tiny_model_and_data(cfg: StudyConfig, layers: int = 4, hidden: int = 64, vocab: int = 128):
+    """A random-init LlamaForCausalLM from a config plus synthetic task / control / task-2 windows."""
+    model = tiny_llama(cfg.seq_len, layers, hidden, vocab)
     ne = cfg.curve_windows + cfg.final_windows
     pool = max(cfg.steps, cfg.long_steps) * cfg.batch * 2
     evals = {}
