@@ -26,8 +26,8 @@ cache key is a digest of dtype, shape and bytes, so ``kappatune.scan(model)`` (o
 checkpoint's dtype. A model loaded in another dtype (a bf16 checkpoint loaded as float32) has
 other bytes and is recomputed, never matched wrongly.
 
-Layouts: 2-D tensors are matrices; 3-D tensors whose name contains ``conv`` (case-insensitive)
-are convolution kernels ``(out, in, k)``, reshaped to ``(out, in·k)`` (``"flatten"``); other 3-D
+Layouts: 2-D tensors are matrices; 3-D tensors whose name ends in ``.weight`` or contains
+``conv`` (case-insensitive) are convolution kernels ``(out, in, k)``, reshaped to ``(out, in·k)`` (``"flatten"``); other 3-D
 tensors are stacks of matrices such as fused mixture-of-experts weights ``(experts, m, n)``
 (``"stack"``, κ per matrix, aggregated); tensors of 4 or more dimensions are flattened. This is the
 rule :func:`kappatune.scan` applies to a module tree, where convolutions are recognised by their
@@ -316,7 +316,7 @@ def _loader(file: "_File", name: str) -> Callable[[], torch.Tensor]:
 def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[TensorRef]:
     """One lazily loaded :class:`~kappatune.refs.TensorRef` per tensor of the checkpoint.
 
-    Only the headers are read here; ``ref.load()`` maps the file and returns that one tensor.
+    Only the headers are read here; ``ref.load()`` reads that one tensor with ``pread``.
     Raises :class:`CheckpointError` for a missing path, a folder without safetensors weights, a
     file that is not valid safetensors, an index naming a tensor its shard lacks, or a tensor name
     that appears in two files.
@@ -359,7 +359,7 @@ def scan_checkpoint(path_or_paths: Union[PathLike, Sequence[PathLike]], **scan_k
         **scan_kwargs: as :func:`kappatune.scan`: ``min_ndim``, ``max_dim``, ``include``,
             ``exclude``, ``cache``, ``recompute``, ``aggregate``, ``progress``, ``num_workers``.
 
-    Tensors are read one at a time (memory-mapped), so peak memory stays near one tensor and
+    Tensors are read one at a time (``pread``, not memory-mapped), so peak memory stays near one tensor and
     its float64 copy. The names are the checkpoint keys, i.e. the model's
     ``named_parameters()`` for a ``save_pretrained`` checkpoint, and the cache entries are
     reused by ``kappatune.scan(model)`` on the model loaded in the checkpoint's dtype.

@@ -9,7 +9,7 @@
 
 ``MODEL_DIR`` is a Hugging Face model folder (``model.safetensors`` or a sharded checkpoint with
 ``model.safetensors.index.json``), an index file, or one or more ``.safetensors`` files; tensors
-are read memory-mapped, one at a time, without building the model (:mod:`kappatune.checkpoint`).
+are read one at a time with ``pread`` (not memory-mapped), without building the model (:mod:`kappatune.checkpoint`).
 ``table.json`` is what ``kappatune scan ... -o table.json`` (or ``--json``) wrote. Given a
 checkpoint, ``show``/``plot``/``export`` scan it first through the κ cache (fast when warm).
 
@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kappatune",
         description="Condition numbers (κ = σ_max/σ_min) of the weights of a checkpoint on disk, and the "
-                    "lowest-κ selection for selective fine-tuning. Checkpoints are read memory-mapped, one "
-                    "tensor at a time, without building the model.",
+                    "lowest-κ selection for selective fine-tuning. Checkpoints are read one tensor at a "
+                    "time (pread, not memory-mapped), without building the model.",
         epilog="PATH for show/plot/export is a checkpoint (scanned through the κ cache; the scan options "
                "apply) or a table.json written by 'kappatune scan -o'. Run 'kappatune COMMAND --help' for "
                "the options of a command.",

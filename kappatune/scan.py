@@ -502,7 +502,8 @@ def scan(
         num_workers (Optional[int]): matrices analysed at once, each with one BLAS thread
             (default ``None``: ``torch.get_num_threads()``, i.e. ``torch.set_num_threads`` /
             ``OMP_NUM_THREADS`` / the cores); ``1`` analyses one at a time with the BLAS threads as
-            set. The table does not depend on it (see :func:`compute_local`).
+            set. With several workers the table is bit for bit a serial scan with one BLAS thread
+            (``torch.set_num_threads(1)``); other thread counts may change the last bits (~1e-15).
 
     Raises:
         ValueError: an invalid argument, or a tensor with NaN/Inf values or without data (meta),
