@@ -47,16 +47,20 @@ def _pw(points: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.asarray([p[key] for p in points], dtype=np.float64)          # (K, n)
 
 
-def _curve_endpoint(run, Wt, Wc, level: float, base_task_pw: np.ndarray) -> np.ndarray:
-    """Control-loss increase where the run's task curve crosses ``level``, per bootstrap replicate.
+def resampled_level(Wt: np.ndarray, base_task_pw: Sequence[float], level: float) -> np.ndarray:
+    """A task-loss level defined on the base model (L* = base − Δ) under each bootstrap replicate's
+    window weights ``Wt`` ``(B+1, n)``: ``level + (W_b − W_0)·base``, row 0 exactly ``level``."""
+    b = Wt @ np.asarray(base_task_pw, dtype=np.float64)
+    return level + (b - b[0])
 
-    The level is defined on the base model's task loss (L* = base − Δ), so it moves with the
-    resampled windows: replicate b uses ``level + (W_b − W_0)·base``, row 0 exactly ``level``."""
+
+def _curve_endpoint(run, Wt, Wc, level: np.ndarray) -> np.ndarray:
+    """Control-loss increase where the run's task curve crosses ``level`` (one per bootstrap
+    replicate, :func:`resampled_level`)."""
     pts = [c for c in run["curve"] if "task_curve_pw" in c]
     T = Wt @ _pw(pts, "task_curve_pw").T
     C = Wc @ _pw(pts, "control_curve_pw").T
-    b = Wt @ np.asarray(base_task_pw, dtype=np.float64)
-    return st.crossing_batch(T, C, level + (b - b[0])) - C[:, 0]
+    return st.crossing_batch(T, C, level) - C[:, 0]
 
 
 def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, rng, family: Sequence[str],
@@ -117,8 +121,11 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
 
     # main phase
     arms = fv._arm_order(cfg.arms)
-    btc = base["task_curve_pw"]
-    prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls, btc), curve=True)
+    def level(x: float) -> np.ndarray:
+        return resampled_level(W["tc"], base["task_curve_pw"], x)
+
+    Ls_b, Ll_b = level(Ls), level(Ll)
+    prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
     last = by_arm("main", arms, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
     cmp_p, cmp_l = _compare(prim, B, rng, arms), _compare(last, B, rng, arms)
     main: Dict[str, Any] = {}
@@ -149,8 +156,8 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     # exploratory, not pre-registered: the same endpoint at deeper task-loss levels
     expl: Dict[str, Any] = {}
     for delta in EXPLORATORY_DELTAS:
-        lev = base["task_curve_loss"] - delta
-        vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev, btc), curve=True)
+        lev = level(base["task_curve_loss"] - delta)
+        vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev), curve=True)
         cmp_e = _compare(vals, B, rng, arms)
         expl[f"{delta:g}"] = {a: {"seeds": _seedvals(vals.get(a, {}), cfg.seeds), "vs_kappa_low": _slim(cmp_e.get(a))}
                               for a in arms}
@@ -158,8 +165,8 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     # long phase
     la = fv._arm_order(cfg.long_arms)
     long_last = by_arm("long", la, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
-    long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll, btc), curve=True)
-    long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls, btc), curve=True)
+    long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll_b), curve=True)
+    long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
     cl, cd = _compare(long_last, B, rng, la), _compare(long_deep, B, rng, la)
     out["long"] = {a: {"lr": chosen.get(a), "dcontrol_last": _seedvals(long_last.get(a, {}), cfg.seeds),
                        "dcontrol_at_L_long": _seedvals(long_deep.get(a, {}), cfg.seeds),

@@ -109,8 +109,6 @@ def paired_bootstrap(arm: Mapping[int, np.ndarray], ref: Mapping[int, np.ndarray
     D = np.stack([arm[s][1:] - ref[s][1:] for s in seeds], axis=1)       # (B, S)
     pick = rng.integers(0, len(seeds), size=(B, len(seeds)))
     drawn = np.take_along_axis(D, pick, axis=1)
-    import warnings
-
     ok = np.isfinite(drawn).all(axis=1)          # a replicate in which a drawn curve misses L* is dropped
     stat = drawn[ok].mean(axis=1)
     res.update(t_ci95=list(t_interval(diffs)), valid=float(ok.mean()))

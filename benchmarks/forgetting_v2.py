@@ -1083,15 +1083,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _claim_alive(path: Path) -> bool:
-    """Whether ``path`` is held by a live process on this host (claims from other hosts count as live)."""
+def _read_claim(path: Path) -> Dict[str, Any]:
+    """A claim file's ``{"pid", "host", "since"}``; ``{}`` for a missing, torn or foreign file."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _claim_alive(claim: Mapping[str, Any]) -> bool:
+    """Whether ``claim`` is held by a live process on this host (claims from other hosts count as live)."""
+    if not claim:
         return False
-    if d.get("host") != socket.gethostname():
+    if claim.get("host") != socket.gethostname():
         return True
-    return isinstance(d.get("pid"), int) and _pid_alive(d["pid"])
+    return isinstance(claim.get("pid"), int) and _pid_alive(claim["pid"])
 
 
 def claim_run(claims: Path, run_id: str) -> bool:
@@ -1104,13 +1111,10 @@ def claim_run(claims: Path, run_id: str) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                d = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                d = {}
+            d = _read_claim(path)
             if d.get("pid") == os.getpid() and d.get("host") == me["host"]:
                 return True
-            if _claim_alive(path):
+            if _claim_alive(d):
                 return False
             try:                                  # stale: remove and retry the exclusive create once
                 path.unlink()

@@ -300,7 +300,7 @@ def test_lstar_follows_the_resampled_base_loss():
     run = {"curve": [{"task_curve_pw": list(base - 0.1 * k), "control_curve_pw": list(base - 0.1 * k)}
                      for k in range(8)]}
     W = st.window_weights(n, B, rng)
-    got = fr._curve_endpoint(run, W, W, float(base.mean()) - delta, base)
+    got = fr._curve_endpoint(run, W, W, fr.resampled_level(W, base, float(base.mean()) - delta))
     assert got[0] == pytest.approx(-delta) and np.allclose(got, -delta)
     C = W @ np.stack([np.asarray(c["control_curve_pw"]) for c in run["curve"]]).T
     fixed = st.crossing_batch(C, C, float(base.mean()) - delta) - C[:, 0]
