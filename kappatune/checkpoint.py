@@ -27,11 +27,11 @@ checkpoint's dtype. A model loaded in another dtype (a bf16 checkpoint loaded as
 other bytes and is recomputed, never matched wrongly.
 
 Layouts: 2-D tensors are matrices; 3-D tensors whose name ends in ``.weight`` or contains
-``conv`` (case-insensitive) are convolution kernels ``(out, in, k)``, reshaped to ``(out, in·k)`` (``"flatten"``); other 3-D
-tensors are stacks of matrices such as fused mixture-of-experts weights ``(experts, m, n)``
-(``"stack"``, κ per matrix, aggregated); tensors of 4 or more dimensions are flattened. This is the
-rule :func:`kappatune.scan` applies to a module tree, where convolutions are recognised by their
-module class. Integer, boolean and float8 tensors are skipped (float8 weights need their separate
+``conv`` (case-insensitive) are convolution kernels ``(out, in, k)``, reshaped to ``(out, in·k)``
+(``"flatten"``); other 3-D tensors are stacks of matrices such as fused mixture-of-experts
+weights ``(experts, m, n)`` (``"stack"``, κ per matrix, aggregated); tensors of 4 or more
+dimensions are flattened. This is the rule :func:`kappatune.scan` applies to a module tree, where
+convolutions are recognised by their module class. Integer, boolean and float8 tensors are skipped (float8 weights need their separate
 scales to mean anything).
 
 Example::
@@ -359,8 +359,8 @@ def scan_checkpoint(path_or_paths: Union[PathLike, Sequence[PathLike]], **scan_k
         **scan_kwargs: as :func:`kappatune.scan`: ``min_ndim``, ``max_dim``, ``include``,
             ``exclude``, ``cache``, ``recompute``, ``aggregate``, ``progress``, ``num_workers``.
 
-    Tensors are read one at a time (``pread``, not memory-mapped), so peak memory stays near one tensor and
-    its float64 copy. The names are the checkpoint keys, i.e. the model's
+    Tensors are read one at a time (``pread``, not memory-mapped), so peak memory stays near one
+    tensor and its float64 copy. The names are the checkpoint keys, i.e. the model's
     ``named_parameters()`` for a ``save_pretrained`` checkpoint, and the cache entries are
     reused by ``kappatune.scan(model)`` on the model loaded in the checkpoint's dtype.
 

@@ -9,7 +9,8 @@
 
 ``MODEL_DIR`` is a Hugging Face model folder (``model.safetensors`` or a sharded checkpoint with
 ``model.safetensors.index.json``), an index file, or one or more ``.safetensors`` files; tensors
-are read one at a time with ``pread`` (not memory-mapped), without building the model (:mod:`kappatune.checkpoint`).
+are read one at a time with ``pread`` (not memory-mapped), without building the model
+(:mod:`kappatune.checkpoint`).
 ``table.json`` is what ``kappatune scan ... -o table.json`` (or ``--json``) wrote. Given a
 checkpoint, ``show``/``plot``/``export`` scan it first through the κ cache (fast when warm).
 
