@@ -83,6 +83,78 @@ def test_benchmark_pages_are_generated_from_the_result_files():
                        + " -- run: python benchmarks/make_docs.py")
 
 
+def _floats(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield float(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _floats(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _floats(v)
+
+
+def _comparisons(obj):
+    """Every dict of summary.json that holds a comparison (a difference with its intervals)."""
+    if isinstance(obj, dict):
+        if "mean_diff" in obj:
+            yield obj
+        for v in obj.values():
+            yield from _comparisons(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _comparisons(v)
+
+
+FIG = r"[+\-−]?\d+\.\d{3,4}\b"
+# the prose that quotes the forgetting study: README's paragraph and the evidence page's findings
+STUDY_PROSE = [
+    (ROOT / "README.md", "**Does low κ forget less?**", "\n## "),
+    (DOCS / "evidence" / "forgetting_v2.md", "## What came out", "\n## How to read"),
+]
+
+
+@pytest.mark.parametrize("path,start,end", STUDY_PROSE, ids=["README", "evidence page"])
+def test_quoted_study_figures_come_from_the_summary(path, start, end):
+    """The prose quoting the forgetting study matches summary.json, so a rerun cannot leave the headline
+    behind: every interval ``[lo, hi]`` it quotes is one comparison's ``ci95`` or ``t_ci95``, the figure just
+    before it is a value of that same comparison, and every other figure with 3 or 4 decimals is a value of the summary, correctly rounded.
+    After regenerating the report, update the prose until this passes."""
+    import json
+
+    def num(q):
+        return float(q.replace("−", "-"))
+
+    def close(v, q):  # v rounds to q (to q's decimals)
+        decimals = len(q.split(".")[1])
+        return isinstance(v, (int, float)) and abs(v - num(q)) <= 0.5 * 10 ** -decimals + 1e-9
+
+    summary = json.loads((ROOT / "benchmarks/results/forgetting_v2/summary.json").read_text())
+    values = list(_floats(summary))
+    comparisons = list(_comparisons(summary))
+    text = path.read_text()
+    assert start in text, f"{path.name}: section {start!r} not found"
+    section = text[text.index(start):]
+    section = section[:section.index(end)] if end in section else section
+
+    wrong = []
+    intervals = list(re.finditer(rf"(?:({FIG})(?:[^\[\]\d]|95 %){{0,45}})?\[({FIG}), ({FIG})\]", section))
+    assert intervals, f"{path.name}: no interval quoted in {start!r}"
+    for m in intervals:
+        figure, lo, hi = m.groups()
+        owners = [c for c in comparisons for key in ("ci95", "t_ci95")
+                  if c.get(key) and close(c[key][0], lo) and close(c[key][1], hi)]
+        if not owners or (figure and not any(close(v, figure) for c in owners for v in c.values())):
+            wrong.append(m.group(0))
+    # a figure the prose derives from two summary values (e.g. a task-loss gap) is written with 2 decimals;
+    # every one with 3 or 4 decimals is quoted as it stands in the summary, rounded once
+    wrong += [q for q in re.findall(FIG, section) if not any(close(v, q) for v in values)]
+    assert not wrong, (f"{path.name} quotes {wrong}, which summary.json does not hold: update the prose "
+                       "to the regenerated benchmarks/results/forgetting_v2/results.md")
+
+
 def test_generator_makes_a_page_per_result_and_rewrites_links(tmp_path):
     results = tmp_path / "results"
     (results / "alpha").mkdir(parents=True)
