@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -63,12 +64,20 @@ def _curve_endpoint(run, Wt, Wc, level: np.ndarray) -> np.ndarray:
     return st.crossing_batch(T, C, level) - C[:, 0]
 
 
-def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, rng, family: Sequence[str],
-             ref: str = REF) -> Dict[str, Any]:
+def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, seed: int, label: str,
+             family: Sequence[str], ref: str = REF) -> Dict[str, Any]:
     """Every arm against ``ref`` (paired over seeds and windows), Holm over the pre-registered
-    ``family`` (every arm of the phase but ``ref``, whether or not it has a p-value yet)."""
+    ``family`` (every arm of the phase but ``ref``, whether or not it has a p-value yet).
+
+    Each comparison draws its seeds from its own generator, keyed by ``(seed, label, arm)``, so its
+    interval does not move when runs of other arms or phases land."""
     m = max(1, len([a for a in family if a != ref]))
-    res = {a: st.paired_bootstrap(v, values[ref], B, rng) for a, v in values.items() if a != ref and ref in values}
+
+    def rng(arm: str) -> np.random.Generator:
+        return np.random.default_rng([seed, zlib.crc32(f"{label}/{arm}".encode())])
+
+    res = {a: st.paired_bootstrap(v, values[ref], B, rng(a))
+           for a, v in values.items() if a != ref and ref in values}
     adj = st.holm({a: r["p"] for a, r in res.items()}, m=m)
     for a, r in res.items():
         r["p_holm"] = adj[a]
@@ -127,7 +136,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     Ls_b, Ll_b = level(Ls), level(Ll)
     prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
     last = by_arm("main", arms, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
-    cmp_p, cmp_l = _compare(prim, B, rng, arms), _compare(last, B, rng, arms)
+    cmp_p, cmp_l = _compare(prim, B, seed, "primary", arms), _compare(last, B, seed, "last", arms)
     main: Dict[str, Any] = {}
     for a in arms:
         rs = [runs.get(fv.RunSpec(a, chosen[a], s, "main").run_id) if chosen.get(a) else None for s in cfg.seeds]
@@ -158,7 +167,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     for delta in EXPLORATORY_DELTAS:
         lev = level(base["task_curve_loss"] - delta)
         vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev), curve=True)
-        cmp_e = _compare(vals, B, rng, arms)
+        cmp_e = _compare(vals, B, seed, f"exploratory_{delta:g}", arms)
         expl[f"{delta:g}"] = {a: {"seeds": _seedvals(vals.get(a, {}), cfg.seeds), "vs_kappa_low": _slim(cmp_e.get(a))}
                               for a in arms}
     out["exploratory"] = expl
@@ -167,7 +176,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     long_last = by_arm("long", la, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
     long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll_b), curve=True)
     long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
-    cl, cd = _compare(long_last, B, rng, la), _compare(long_deep, B, rng, la)
+    cl, cd = _compare(long_last, B, seed, "long_last", la), _compare(long_deep, B, seed, "long_deep", la)
     out["long"] = {a: {"lr": chosen.get(a), "dcontrol_last": _seedvals(long_last.get(a, {}), cfg.seeds),
                        "dcontrol_at_L_long": _seedvals(long_deep.get(a, {}), cfg.seeds),
                        "dcontrol_at_lstar": _seedvals(long_star.get(a, {}), cfg.seeds),
@@ -181,7 +190,8 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     sq_t = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"])
                                                  - np.asarray(r["after_task1"]["task_final_pw"])))
     sq_t1 = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"]) - tf0))
-    c1, c2, c3 = _compare(sq_c, B, rng, sa), _compare(sq_t, B, rng, sa), _compare(sq_t1, B, rng, sa)
+    c1, c2, c3 = (_compare(sq_c, B, seed, "seq_control", sa), _compare(sq_t, B, seed, "seq_task1", sa),
+                  _compare(sq_t1, B, seed, "seq_task1_vs_base", sa))
     seq: Dict[str, Any] = {}
     for a in sa:
         rs = [runs.get(fv.RunSpec(a, chosen[a], s, "seq").run_id) if chosen.get(a) else None for s in cfg.seeds]

@@ -325,6 +325,21 @@ def test_holm_and_mde():
     assert st.t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
 
 
+def test_a_comparison_does_not_move_when_other_arms_land():
+    import forgetting_report as rep
+
+    B, g = 400, np.random.default_rng(3)
+    vals = {a: {s: g.normal(0.1 * i, 0.05, size=B + 1) for s in range(3)}
+            for i, a in enumerate(["kappa_low", "random_kind", "lora", "full"])}
+    fam = ["random_kind", "lora", "full"]
+    alone = rep._compare({a: vals[a] for a in ("kappa_low", "lora")}, B, 12345, "primary", fam)
+    every = rep._compare(vals, B, 12345, "primary", fam)
+    for key in ("mean_diff", "ci95", "p", "se"):
+        assert alone["lora"][key] == every["lora"][key]
+    other = rep._compare(vals, B, 12345, "last", fam)     # another endpoint draws other seeds
+    assert other["lora"]["ci95"] != every["lora"]["ci95"]
+
+
 def test_spectrum_snr_on_known_spectra():
     # σ = [10, 1, 1, 1, 1] on a 5×20 matrix: IQR of the values = 0 → threshold 0 → every σ is "signal",
     # noise sum falls back to 1 (as Spectrum does): SNR = 14 / 1 / 10
