@@ -1,6 +1,7 @@
 """The documentation: the site builds with warnings as errors, links resolve, generated pages are current."""
 
 import importlib
+import json
 import pkgutil
 import re
 import subprocess
@@ -83,29 +84,12 @@ def test_benchmark_pages_are_generated_from_the_result_files():
                        + " -- run: python benchmarks/make_docs.py")
 
 
-def _floats(obj):
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield float(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _floats(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _floats(v)
-
-
-def _comparisons(obj):
-    """Every dict of summary.json that holds a comparison (a difference with its intervals)."""
-    if isinstance(obj, dict):
-        if "mean_diff" in obj:
-            yield obj
-        for v in obj.values():
-            yield from _comparisons(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _comparisons(v)
+def _nodes(obj):
+    """Every value of a parsed JSON document, containers included, depth first."""
+    yield obj
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    for v in children:
+        yield from _nodes(v)
 
 
 FIG = r"[+\-−]?\d+\.\d{3,4}\b"
@@ -120,10 +104,8 @@ STUDY_PROSE = [
 def test_quoted_study_figures_come_from_the_summary(path, start, end):
     """The prose quoting the forgetting study matches summary.json, so a rerun cannot leave the headline
     behind: every interval ``[lo, hi]`` it quotes is one comparison's ``ci95`` or ``t_ci95``, the figure just
-    before it is a value of that same comparison, and every other figure with 3 or 4 decimals is a value of the summary, correctly rounded.
-    After regenerating the report, update the prose until this passes."""
-    import json
-
+    before it is a value of that same comparison, and every other figure with 3 or 4 decimals is a value of
+    the summary, correctly rounded. After regenerating the report, update the prose until this passes."""
     def num(q):
         return float(q.replace("−", "-"))
 
@@ -132,8 +114,9 @@ def test_quoted_study_figures_come_from_the_summary(path, start, end):
         return isinstance(v, (int, float)) and abs(v - num(q)) <= 0.5 * 10 ** -decimals + 1e-9
 
     summary = json.loads((ROOT / "benchmarks/results/forgetting_v2/summary.json").read_text())
-    values = list(_floats(summary))
-    comparisons = list(_comparisons(summary))
+    nodes = list(_nodes(summary))
+    values = [float(v) for v in nodes if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    comparisons = [c for c in nodes if isinstance(c, dict) and "mean_diff" in c]   # a difference with its CIs
     text = path.read_text()
     assert start in text, f"{path.name}: section {start!r} not found"
     section = text[text.index(start):]
