@@ -87,7 +87,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--kappa-cache", type=Path, default=ROOT / "cache",
                     help="κ cache folder for the scan of the base model (default: the repo's cache/)")
-    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates in the report (default 2000)")
+    ap.add_argument("--bootstrap", type=int, default=2000,
+                    help="bootstrap replicates the report starts from (default 2000, as pre-registered); doubled while "
+                         "Monte-Carlo noise could flip a verdict")
+    ap.add_argument("--bootstrap-max", type=int, default=256_000,
+                    help="the most bootstrap replicates the report tries (default 256000)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--no-plot", action="store_true", help="skip the plots")
     return ap.parse_args(argv)
@@ -229,7 +233,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         ready, _, _ = fv.plan(cfg, fv.load_runs(out, cfg), args.phases)
         if not ready and pid.exists():
             pid.unlink()
-    text = fr.write_report(cfg, out, command=cmd.strip(), B=args.bootstrap, plots=not args.no_plot)
+    text = fr.write_report(cfg, out, command=cmd.strip(), B=args.bootstrap, plots=not args.no_plot,
+                           B_max=args.bootstrap_max)
     print(text)
     return 0
 

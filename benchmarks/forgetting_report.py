@@ -1,5 +1,6 @@
-"""Report of the forgetting study v2: endpoints, paired bootstrap against κ-low, Holm, the
-computed headline, ``results.md``, ``summary.json`` and the plots. Reads only run files."""
+"""Report of the forgetting study v2: endpoints, paired bootstrap and paired t against κ-low, Holm,
+the Monte-Carlo error of the bootstrap, the computed headline, ``results.md``, ``summary.json`` and the
+plots. Reads only run files. The statistics live in :mod:`kappatune.study.stats`."""
 
 from __future__ import annotations
 
@@ -7,19 +8,39 @@ import json
 import math
 import statistics
 import sys
-import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from kappatune.study import stats as st
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import forgetting_stats as st  # noqa: E402
 import forgetting_v2 as fv  # noqa: E402
 
 REF = "kappa_low"
+ALPHA = 0.05                       # family-wise level of the pre-registered rule
+MC_K = 3.0                         # a verdict is settled when |p_holm − α| > MC_K Monte-Carlo SEs
+B_MAX = 256_000                    # the most bootstrap replicates the report tries
+PREREGISTERED_B = 2000
 EXPLORATORY_DELTAS = (0.45,)       # not pre-registered (added after L* turned out to be reached by step ~20)
+# what a verdict says when the arm's value is above / below κ-low's
+FORGETS = ("forgets more than κ-low", "forgets less than κ-low")
+LOSES_TASK1 = ("loses more of task 1 than κ-low", "loses less of task 1 than κ-low")
+# every family of comparisons: (title, verdict words, pre-registered?)
+FAMILIES = {
+    "primary": ("primary endpoint: Δcontrol at L*", FORGETS, True),
+    "last": ("last step ({steps}), chosen LR: Δcontrol (unmatched adaptation)", FORGETS, True),
+    "long_last": ("{long_steps} steps, last step: Δcontrol (unmatched adaptation)", FORGETS, True),
+    "long_deep": ("{long_steps} steps: Δcontrol at base − {long_delta} nats", FORGETS, True),
+    "seq_control": ("sequential: Δcontrol after task 2", FORGETS, True),
+    "seq_task1": ("sequential: task-1 forgetting (after task 2 − after task 1)", LOSES_TASK1, True),
+    "seq_task1_vs_base": ("sequential, descriptive (not pre-registered): task-1 loss after task 2 − base",
+                          ("ends higher on task 1 than κ-low", "ends lower on task 1 than κ-low"), False),
+    "seq_task1_gain": ("sequential, descriptive (not pre-registered): task-1 loss after task 1 − base",
+                       ("went less far on task 1 than κ-low", "went further on task 1 than κ-low"), False),
+}
 USAGE = """## Run it on your own model
 
 ```bash
@@ -50,9 +71,8 @@ def _pw(points: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 
 def resampled_level(Wt: np.ndarray, base_task_pw: Sequence[float], level: float) -> np.ndarray:
     """A task-loss level defined on the base model (L* = base − Δ) under each bootstrap replicate's
-    window weights ``Wt`` ``(B+1, n)``: ``level + (W_b − W_0)·base``, row 0 exactly ``level``."""
-    b = Wt @ np.asarray(base_task_pw, dtype=np.float64)
-    return level + (b - b[0])
+    window weights ``Wt`` ``(B+1, n)`` (:func:`kappatune.study.stats.resampled_level`)."""
+    return st.resampled_level(Wt, base_task_pw, level)
 
 
 def _curve_endpoint(run, Wt, Wc, level: np.ndarray) -> np.ndarray:
@@ -66,25 +86,12 @@ def _curve_endpoint(run, Wt, Wc, level: np.ndarray) -> np.ndarray:
 
 def _compare(values: Mapping[str, Mapping[int, np.ndarray]], B: int, seed: int, label: str,
              family: Sequence[str], ref: str = REF) -> Dict[str, Any]:
-    """Every arm against ``ref`` (paired over seeds and windows), Holm over the pre-registered
-    ``family`` (every arm of the phase but ``ref``, whether or not it has a p-value yet).
-
-    Each comparison draws its seeds from its own generator, keyed by ``(seed, label, arm)``, so its
-    interval does not move when runs of other arms or phases land."""
-    m = max(1, len([a for a in family if a != ref]))
-
-    def rng(arm: str) -> np.random.Generator:
-        return np.random.default_rng([seed, zlib.crc32(f"{label}/{arm}".encode())])
-
-    res = {a: st.paired_bootstrap(v, values[ref], B, rng(a))
-           for a, v in values.items() if a != ref and ref in values}
-    adj = st.holm({a: r["p"] for a, r in res.items()}, m=m)
-    for a, r in res.items():
-        r["p_holm"] = adj[a]
-        r["mde"] = st.mde(r["se"])
-        r["mde_holm"] = None if r["se"] is None else st.mde(r["se"], alpha_z=st.z_for_alpha(0.05 / m))
-        r["holm_m"] = m
-    return res
+    """Every arm against ``ref`` (paired over seeds and windows; bootstrap and paired t), Holm over the
+    pre-registered ``family`` (every arm of the phase but ``ref``, whether or not it has a p-value yet):
+    :func:`kappatune.study.stats.compare_to_reference`. Each comparison draws its seeds from its own
+    generator, keyed by ``(seed, label, arm)``, so its interval does not move when runs of other arms or
+    phases land."""
+    return st.compare_to_reference(values, ref, B, seed, label, family, alpha=ALPHA)
 
 
 def _seedvals(d: Mapping[int, np.ndarray], seeds) -> List[Optional[float]]:
@@ -95,9 +102,20 @@ def _seedvals(d: Mapping[int, np.ndarray], seeds) -> List[Optional[float]]:
     return out
 
 
+def _status(run: Optional[Mapping[str, Any]], value: Optional[float]) -> str:
+    """A run's state for one endpoint: not run yet, diverged, level not reached, or ok."""
+    if run is None:
+        return "not run yet"
+    if value is None:
+        return "diverged" if run.get("diverged") else "not reached"
+    return "ok"
+
+
 def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], B: int = 2000,
             seed: int = 12345) -> Dict[str, Any]:
-    """Every number of the report (see PREREGISTRATION.md for the definitions)."""
+    """Every number of the report at ``B`` bootstrap replicates (see PREREGISTRATION.md for the
+    definitions). ``out["comparisons"]`` holds every comparison with κ-low by ``"family/arm"`` (the
+    same objects as those nested in the phases)."""
     rng = np.random.default_rng(seed)
     chosen = _chosen(cfg, runs)
     n_cc, n_tc = len(base["control_curve_pw"]), len(base["task_curve_pw"])
@@ -108,6 +126,15 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     cf0 = np.asarray(base["control_final_pw"])
     tf0 = np.asarray(base["task_final_pw"])
     out: Dict[str, Any] = {"L_star": Ls, "L_long": Ll, "chosen_lr": chosen, "bootstrap": B}
+    every: Dict[str, Dict[str, Any]] = {}
+
+    def compare(vals, label, family) -> Dict[str, Dict[str, Any]]:
+        slim = {a: _slim(c) for a, c in _compare(vals, B, seed, label, family).items()}
+        every.update({f"{label}/{a}": c for a, c in slim.items()})
+        return slim
+
+    def run_of(a, s, phase):
+        return runs.get(fv.RunSpec(a, chosen[a], s, phase).run_id) if chosen.get(a) else None
 
     def by_arm(phase, arms, fn, lr_of=lambda a: chosen.get(a), curve=False):
         """``{arm: {seed: (B+1,) values}}``. A diverged run keeps a curve endpoint it reached before
@@ -128,18 +155,22 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                 vals.setdefault(a, {})[s] = v
         return vals
 
+    def statuses(phase, a, seedvals):
+        return [_status(run_of(a, s, phase), v) for s, v in zip(cfg.seeds, seedvals)]
+
     # main phase
     arms = fv._arm_order(cfg.arms)
+
     def level(x: float) -> np.ndarray:
         return resampled_level(W["tc"], base["task_curve_pw"], x)
 
     Ls_b, Ll_b = level(Ls), level(Ll)
     prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
     last = by_arm("main", arms, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
-    cmp_p, cmp_l = _compare(prim, B, seed, "primary", arms), _compare(last, B, seed, "last", arms)
+    cmp_p, cmp_l = compare(prim, "primary", arms), compare(last, "last", arms)
     main: Dict[str, Any] = {}
     for a in arms:
-        rs = [runs.get(fv.RunSpec(a, chosen[a], s, "main").run_id) if chosen.get(a) else None for s in cfg.seeds]
+        rs = [run_of(a, s, "main") for s in cfg.seeds]
         main[a] = {"lr": chosen.get(a), "lr_grid": list(cfg.lrs[a]),
                    "seeds": _seedvals(prim.get(a, {}), cfg.seeds),
                    "reached": [None if r is None else r.get("dcontrol_at_lstar") is not None for r in rs],
@@ -151,7 +182,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                    "dcontrol_acc_last": [None if r is None else r.get("dcontrol_acc_last") for r in rs],
                    "trainable_params": next((r["trainable_params"] for r in rs if r), None),
                    "kinds": next((r.get("selected_kinds") for r in rs if r), None),
-                   "vs_kappa_low": _slim(cmp_p.get(a)), "last_vs_kappa_low": _slim(cmp_l.get(a))}
+                   "vs_kappa_low": cmp_p.get(a), "last_vs_kappa_low": cmp_l.get(a)}
         vals = [v for v in main[a]["seeds"] if v is not None]
         main[a]["mean"] = float(np.mean(vals)) if vals else None
         # every fixed LR, every seed that ran it: the last-step numbers
@@ -167,45 +198,53 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     for delta in EXPLORATORY_DELTAS:
         lev = level(base["task_curve_loss"] - delta)
         vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev), curve=True)
-        cmp_e = _compare(vals, B, seed, f"exploratory_{delta:g}", arms)
-        expl[f"{delta:g}"] = {a: {"seeds": _seedvals(vals.get(a, {}), cfg.seeds), "vs_kappa_low": _slim(cmp_e.get(a))}
-                              for a in arms}
+        cmp_e = compare(vals, f"exploratory_{delta:g}", arms)
+        expl[f"{delta:g}"] = {}
+        for a in arms:
+            sv = _seedvals(vals.get(a, {}), cfg.seeds)
+            expl[f"{delta:g}"][a] = {"seeds": sv, "status": statuses("main", a, sv), "vs_kappa_low": cmp_e.get(a)}
     out["exploratory"] = expl
     # long phase
     la = fv._arm_order(cfg.long_arms)
     long_last = by_arm("long", la, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
     long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll_b), curve=True)
     long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
-    cl, cd = _compare(long_last, B, seed, "long_last", la), _compare(long_deep, B, seed, "long_deep", la)
-    out["long"] = {a: {"lr": chosen.get(a), "dcontrol_last": _seedvals(long_last.get(a, {}), cfg.seeds),
-                       "dcontrol_at_L_long": _seedvals(long_deep.get(a, {}), cfg.seeds),
-                       "dcontrol_at_lstar": _seedvals(long_star.get(a, {}), cfg.seeds),
-                       "dtask_last": [None if r is None else r.get("dtask_last") for r in
-                                      [runs.get(fv.RunSpec(a, chosen[a], s, "long").run_id) if chosen.get(a) else None
-                                       for s in cfg.seeds]],
-                       "last_vs_kappa_low": _slim(cl.get(a)), "L_long_vs_kappa_low": _slim(cd.get(a))} for a in la}
+    cl, cd = compare(long_last, "long_last", la), compare(long_deep, "long_deep", la)
+    out["long"] = {}
+    for a in la:
+        deep = _seedvals(long_deep.get(a, {}), cfg.seeds)
+        out["long"][a] = {"lr": chosen.get(a), "dcontrol_last": _seedvals(long_last.get(a, {}), cfg.seeds),
+                          "dcontrol_at_L_long": deep, "status_L_long": statuses("long", a, deep),
+                          "dcontrol_at_lstar": _seedvals(long_star.get(a, {}), cfg.seeds),
+                          "dtask_last": [None if r is None else r.get("dtask_last")
+                                         for r in (run_of(a, s, "long") for s in cfg.seeds)],
+                          "last_vs_kappa_low": cl.get(a), "L_long_vs_kappa_low": cd.get(a)}
     # sequential phase
     sa = fv._arm_order(cfg.seq_arms)
     sq_c = by_arm("seq", sa, lambda r: W["cf"] @ (np.asarray(r["after_task2"]["control_final_pw"]) - cf0))
     sq_t = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"])
                                                  - np.asarray(r["after_task1"]["task_final_pw"])))
     sq_t1 = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"]) - tf0))
-    c1, c2, c3 = (_compare(sq_c, B, seed, "seq_control", sa), _compare(sq_t, B, seed, "seq_task1", sa),
-                  _compare(sq_t1, B, seed, "seq_task1_vs_base", sa))
+    sq_g = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task1"]["task_final_pw"]) - tf0))
+    c1, c2, c3 = (compare(sq_c, "seq_control", sa), compare(sq_t, "seq_task1", sa),
+                  compare(sq_t1, "seq_task1_vs_base", sa))
+    c4 = compare(sq_g, "seq_task1_gain", sa)
     seq: Dict[str, Any] = {}
     for a in sa:
-        rs = [runs.get(fv.RunSpec(a, chosen[a], s, "seq").run_id) if chosen.get(a) else None for s in cfg.seeds]
+        rs = [run_of(a, s, "seq") for s in cfg.seeds]
         seq[a] = {"lr": chosen.get(a), "seeds": _seedvals(sq_c.get(a, {}), cfg.seeds),
                   "task1_forgetting": _seedvals(sq_t.get(a, {}), cfg.seeds),
                   "task1_vs_base_after_task2": _seedvals(sq_t1.get(a, {}), cfg.seeds),
+                  "dtask1_after_task1": _seedvals(sq_g.get(a, {}), cfg.seeds),
                   "dcontrol_after_task1": [None if r is None else r["dcontrol_after_task1"] for r in rs],
                   "dtask2_after_task2": [None if r is None else r["dtask2_after_task2"] for r in rs],
                   "rescan": [None if r is None else {k: v for k, v in r["task2"].get("rescan", {}).items()
                                                      if k != "kappa_changed"} or None for r in rs],
                   "task2_overlap_with_task1": [None if r is None else r["task2"].get("overlap_with_task1") for r in rs],
-                  "vs_kappa_low": _slim(c1.get(a)), "task1_forgetting_vs_kappa_low": _slim(c2.get(a)),
-                  "task1_vs_base_vs_kappa_low": _slim(c3.get(a))}
+                  "vs_kappa_low": c1.get(a), "task1_forgetting_vs_kappa_low": c2.get(a),
+                  "task1_vs_base_vs_kappa_low": c3.get(a), "task1_gain_vs_kappa_low": c4.get(a)}
     out["sequential"] = seq
+    out["comparisons"] = every
     # compute
     by_phase: Dict[str, Dict[str, float]] = {}
     for r in runs.values():
@@ -221,38 +260,123 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     return out
 
 
+def analyse_stable(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], B: int = PREREGISTERED_B,
+                   B_max: int = B_MAX, seed: int = 12345) -> Dict[str, Any]:
+    """:func:`analyse` at enough replicates that no verdict can flip by Monte-Carlo noise: ``B`` doubled
+    until no comparison's Holm p is within ``MC_K`` Monte-Carlo SEs of ``ALPHA``
+    (:func:`kappatune.study.stats.stable_replicates`), at most ``B_max``. ``out["monte_carlo"]`` says how
+    it went; each comparison gets ``mc_at_risk`` and ``mc_margin`` (``|p_holm − α|`` in Monte-Carlo SEs)."""
+    A, info = st.stable_replicates(lambda b: analyse(cfg, runs, base, B=b, seed=seed), lambda a: a["comparisons"],
+                                   B=B, B_max=max(B, B_max), alpha=ALPHA, k=MC_K)
+    for c in A["comparisons"].values():
+        c["mc_at_risk"] = st.verdict_at_risk(c, ALPHA, MC_K)
+        se = c.get("p_holm_mc_se")
+        c["mc_margin"] = None if c.get("p_holm") is None or not se else abs(c["p_holm"] - ALPHA) / se
+    A["monte_carlo"] = info
+    return A
+
+
 def _per_step(runs, arm) -> Optional[float]:
     rs = [r for r in runs.values() if r["arm"] == arm and r["phase"] == "main"]
     return statistics.mean(r["train_cpu_s"] / max(1, r["steps"]) for r in rs) if rs else None
 
 
+SLIM_KEYS = ("mean_diff", "ci95", "ci95_mc_se", "p", "p_at_floor", "p_mc_se", "p_holm", "p_holm_mc_se", "holm_m",
+             "se", "mde", "mde_holm", "t_ci95", "t_stat", "t_df", "t_se", "t_p", "t_p_holm", "t_mde", "t_mde_holm",
+             "decision", "t_decision", "diffs", "valid", "kept")
+
+
 def _slim(r: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     if r is None:
         return None
-    d = {k: r.get(k) for k in ("mean_diff", "ci95", "p", "p_holm", "holm_m", "se", "mde", "mde_holm", "t_ci95",
-                               "diffs", "valid")}
+    d = {k: r.get(k) for k in SLIM_KEYS}
     d["paired_seeds"] = r.get("seeds")
     return d
 
 
-def verdict(c: Optional[Mapping[str, Any]], what: str = "forgets", unit: str = "nats") -> str:
-    """The pre-registered wording: 'more'/'less' only where the CI excludes zero and Holm's p < 0.05."""
+def _p(c: Mapping[str, Any], key: str = "p_holm") -> str:
+    """A Holm p as printed: 3 significant digits, ``≤`` at the bootstrap's floor."""
+    p = c.get(key)
+    if p is None:
+        return "—"
+    if key == "p_holm" and c.get("p_at_floor"):
+        return f"≤ {p:.2g}"
+    return f"{p:.3g}"
+
+
+def _p_mc(c: Mapping[str, Any], long: bool = True) -> str:
+    """The bootstrap Holm p with its Monte-Carlo SE (at the floor: the bound, and why)."""
+    if c.get("p_holm") is None:
+        return "—"
+    if c.get("p_at_floor"):
+        return f"≤ {c['p_holm']:.2g} " + ("(no replicate on the other side of 0)" if long else "(floor)")
+    return f"{c['p_holm']:.3g} ± {c['p_holm_mc_se']:.2g}"
+
+
+def _direction(d: int, words: Tuple[str, str]) -> str:
+    return words[0] if d > 0 else words[1]
+
+
+def _head(c: Optional[Mapping[str, Any]], words: Tuple[str, str] = FORGETS,
+          missing: str = "no paired seeds yet") -> Tuple[str, str]:
+    """The pre-registered verdict and, where the bootstrap CI excludes zero but Holm does not pass, why
+    it is still 'no difference detected'."""
     if c is None or c.get("mean_diff") is None:
-        return "no paired seeds yet"
+        return missing, ""
     if c.get("ci95") is None:
         n = len(c["paired_seeds"])
-        why = "too few seeds for a CI" if n < 2 else "too few bootstrap replicates kept (curves miss L*)"
-        return f"mean diff {c['mean_diff']:+.4f} {unit} on {n} paired seed(s): {why}"
+        return ("too few seeds for a CI" if n < 2 else "too few bootstrap replicates kept (curves miss the level)"), ""
+    if c["decision"]:
+        return f"**{_direction(c['decision'], words)}**", ""
     lo, hi = c["ci95"]
-    s = (f"diff {c['mean_diff']:+.4f} {unit}, 95% CI [{lo:+.4f}, {hi:+.4f}], p_holm {c['p_holm']:.3g} "
-         f"(m={c['holm_m']}), MDE {c['mde']:.4f} (at Holm's first level {c['mde_holm']:.4f}), t-CI "
-         f"[{c['t_ci95'][0]:+.4f}, {c['t_ci95'][1]:+.4f}], {len(c['paired_seeds'])} seeds, "
-         f"{c['valid']:.0%} of replicates kept")
-    if (lo > 0 or hi < 0) and c["p_holm"] is not None and c["p_holm"] < 0.05:
-        tlo, thi = c["t_ci95"]
-        note = "; the paired-t interval over seeds includes zero" if tlo <= 0 <= thi else ""
-        return f"**{what} {'more' if lo > 0 else 'less'} than κ-low** ({s}{note})"
-    return f"no difference detected ({s})"
+    if lo > 0 or hi < 0:
+        return "no difference detected", "the bootstrap CI excludes 0 but Holm's p ≥ 0.05: the verdict rests on Holm"
+    return "no difference detected", ""
+
+
+def verdict_head(c: Optional[Mapping[str, Any]], words: Tuple[str, str] = FORGETS,
+                 missing: str = "no paired seeds yet") -> str:
+    """The pre-registered verdict alone: 'more'/'less' only where the bootstrap CI excludes zero and the
+    bootstrap Holm p < α; a CI that excludes zero with Holm p ≥ α says that the verdict rests on Holm."""
+    head, why = _head(c, words, missing)
+    return f"{head} ({why})" if why else head
+
+
+def t_note(c: Optional[Mapping[str, Any]], words: Tuple[str, str] = FORGETS) -> str:
+    """Where the paired t (its interval and Holm p over the same family) disagrees with the verdict."""
+    if c is None or c.get("ci95") is None or c.get("t_decision") is None or c["t_decision"] == c["decision"]:
+        return ""
+    if c["decision"]:
+        return f"the paired t does not support it (paired-t Holm p {_p(c, 't_p_holm')})"
+    return f"the paired t alone would say it {_direction(c['t_decision'], words)} (Holm p {_p(c, 't_p_holm')})"
+
+
+def verdict(c: Optional[Mapping[str, Any]], words: Tuple[str, str] = FORGETS, unit: str = "nats",
+            missing: str = "no paired seeds yet") -> str:
+    """One comparison in words: the pre-registered verdict, then the bootstrap CI and Holm p with its
+    Monte-Carlo SE, the paired-t CI and Holm p, and where the two tests disagree or Monte-Carlo noise
+    could still flip the verdict."""
+    head, why = _head(c, words, missing)
+    if c is None or c.get("mean_diff") is None:
+        return head
+    if c.get("ci95") is None:
+        return f"{head} (mean diff {c['mean_diff']:+.4f} {unit} on {len(c['paired_seeds'])} paired seed(s))"
+    lo, hi = c["ci95"]
+    tlo, thi = c["t_ci95"]
+    s = (f"diff {c['mean_diff']:+.4f} {unit}; bootstrap 95% CI [{lo:+.4f}, {hi:+.4f}], p_holm {_p_mc(c)}; "
+         f"paired t 95% CI [{tlo:+.4f}, {thi:+.4f}], p_holm {_p(c, 't_p_holm')}; m={c['holm_m']}, "
+         f"{len(c['paired_seeds'])} seeds")
+    notes = [n for n in (why, t_note(c, words)) if n]
+    if c.get("mc_at_risk"):
+        notes.append("within 3 Monte-Carlo SEs of α: this verdict could still flip by Monte-Carlo noise")
+    return f"{head} ({s}" + "".join(f"; {n}" for n in notes) + ")"
+
+
+def _short(c: Optional[Mapping[str, Any]], words: Tuple[str, str] = FORGETS, missing: str = "no paired seeds yet") -> str:
+    """The verdict for a table cell: the pre-registered one, and the paired t's where it differs."""
+    note = t_note(c, words)
+    return (verdict_head(c, words, missing) + (f"; {note}" if note else "")
+            + ("; ⚠ Monte-Carlo" if c and c.get("mc_at_risk") else ""))
 
 
 def _v(x, nd=4):
@@ -260,14 +384,92 @@ def _v(x, nd=4):
 
 
 def _seeds_str(xs, status=None) -> str:
-    """Per-seed values; ``—`` = not run yet, ``n/r`` = L* not reached, ``div`` = diverged."""
+    """Per-seed values; ``—`` = not run yet, ``n/r`` = level not reached, ``div`` = diverged."""
     tag = {"not run yet": "—", "not reached": "n/r", "diverged": "div"}
     if status is None:
         return ", ".join("—" if x is None else f"{x:+.3f}" for x in xs)
     return ", ".join(f"{x:+.3f}" if x is not None else tag.get(s, "—") for x, s in zip(xs, status))
 
 
-def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool = True) -> str:
+def _missing(status: Sequence[str]) -> str:
+    """Why an arm has no comparison: none of its runs exists yet, or none reached the level."""
+    if status and all(s == "not run yet" for s in status):
+        return "not run yet"
+    return "level not reached by any seed: nothing to compare"
+
+
+def _family_title(label: str, cfg) -> str:
+    if label.startswith("exploratory_"):
+        return f"exploratory (not pre-registered): Δcontrol at base − {label.split('_', 1)[1]} nats"
+    return FAMILIES[label][0].format(steps=cfg.steps, long_steps=cfg.long_steps, long_delta=cfg.long_lstar_delta)
+
+
+def _words(label: str) -> Tuple[str, str]:
+    return FAMILIES.get(label, ("", FORGETS, False))[1]
+
+
+def comparison_table(A: Mapping[str, Any], label: str, cfg) -> List[str]:
+    """Every comparison of one family: both intervals, both Holm p-values, the Monte-Carlo SE of the
+    bootstrap one, both MDEs (at α and at Holm's first level α/m) and the verdicts."""
+    rows = [(k.split("/", 1)[1], c) for k, c in A["comparisons"].items() if k.split("/", 1)[0] == label]
+    if not rows:
+        return []
+    words = _words(label)
+    lines = [f"Comparisons with κ-low, {_family_title(label, cfg)} (arm − κ-low, nats):", "",
+             "| arm | seeds | diff | bootstrap 95% CI | bootstrap p_holm ± MC-SE | paired-t 95% CI | paired-t p_holm | "
+             "MDE bootstrap (α / Holm) | MDE paired t (α / Holm) | verdict (pre-registered: bootstrap) | paired t |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a, c in rows:
+        if c.get("ci95") is None:
+            lines.append(f"| {fv.LABELS[a]} | {len(c['paired_seeds'])} | {_v(c['mean_diff'])} | — | — | — | — | — | — | "
+                         f"{verdict_head(c, words, 'no seed where both runs reached the level')} | — |")
+            continue
+        lo, hi = c["ci95"]
+        tlo, thi = c["t_ci95"]
+        tv = "agrees" if c["t_decision"] == c["decision"] else (
+            "no difference" if not c["t_decision"] else _direction(c["t_decision"], words))
+        mc = " ⚠ within 3 MC-SE of α" if c.get("mc_at_risk") else ""
+        lines.append(f"| {fv.LABELS[a]} | {len(c['paired_seeds'])} | {c['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                     f"{_p_mc(c, long=False)}{mc} | [{tlo:+.4f}, {thi:+.4f}] | {_p(c, 't_p_holm')} | "
+                     f"{c['mde']:.4f} / {c['mde_holm']:.4f} | {c['t_mde']:.4f} / {c['t_mde_holm']:.4f} | "
+                     f"{verdict_head(c, words)} | {tv} |")
+    return lines + [""]
+
+
+def _rule_text(A: Mapping[str, Any]) -> List[str]:
+    mc = A["monte_carlo"]
+    return [
+        "**Which interval a verdict rests on.** Every verdict applies the pre-registered rule to the **bootstrap**: "
+        "an arm forgets more or less than κ-low only where the bootstrap 95% CI excludes zero **and** its "
+        "Holm-adjusted bootstrap p < 0.05; otherwise \"no difference detected\" (when the CI excludes zero but "
+        "Holm's p does not pass, the verdict rests on Holm and says so). The paired-t interval over seeds and its "
+        "Holm-adjusted p (same family, same m) are printed beside it, and the \"paired t\" column says where "
+        "the paired t disagrees. With 3 seeds the seed bootstrap has only 10 distinct seed draws: when the three "
+        "per-seed differences share a sign, every replicate does too (up to window noise) and the bootstrap p "
+        "sits at its floor 1/B (shown as \"≤ m/B\" after Holm, \"floor\"), however large the spread between seeds "
+        "and however many replicates are drawn; the paired t has 2 degrees of freedom and is far more "
+        "conservative. A verdict the paired t does not support rests on the bootstrap alone.",
+        "",
+        f"**Monte-Carlo error.** B = {mc['B']:,} bootstrap replicates (pre-registered: {PREREGISTERED_B:,}; raised, "
+        f"doubling from {mc['B_start']:,}, until no comparison's Holm p lies within {mc['k']:g} Monte-Carlo SEs "
+        f"of {mc['alpha']:g}, at most {mc['B_max']:,}; "
+        + ("every verdict is settled" if mc["stable"] else
+           f"**not settled at the maximum** for: {', '.join(mc['at_risk'])}")
+        + "). MC-SE of a two-sided bootstrap p = √(p(2 − p)/B′) (B′ replicates kept), carried through Holm's "
+        "step; it measures only the resampling noise of this report, not the uncertainty of the study.",
+        "", "MDE = the difference detectable with 80% power: (z₀.₉₇₅ + z₀.₈) × bootstrap SE at α = 0.05, and with "
+        "z at Holm's first level α/m; for the paired t (t₁₋α/₂,₂ + t₀.₈,₂) × s_d/√3 likewise (t at α/m for Holm).", ""]
+
+
+def _status_line(n_done: int, n_total: int, unfinished: bool) -> str:
+    if not unfinished:
+        return f"**Status: all {n_done} planned runs finished.**"
+    return (f"**Status: {n_done} of ~{n_total} planned runs finished.** Numbers below use only finished runs; "
+            "where a CI is missing no conclusion is drawn.")
+
+
+def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, plots: bool = True,
+                 B_max: int = B_MAX) -> str:
     out = Path(out)
     runs = fv.load_runs(out, cfg)
     base_p = out / "base.json"
@@ -277,18 +479,17 @@ def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool =
     lines += [USAGE, ""]
     if command:
         lines += [f"This folder was made with: `{command}` (then `--report`).", ""]
-    lines += [f"Pre-registration: [PREREGISTRATION.md](PREREGISTRATION.md) (committed before the first run). "
-              f"Settings fingerprint `{cfg.fingerprint()}`; v1 (the first study) stays in `../forgetting/`.", ""]
+    lines += [f"Pre-registration: [PREREGISTRATION.md](PREREGISTRATION.md) (committed before the first run; its "
+              f"dated amendments and corrections at the end). Settings fingerprint `{cfg.fingerprint()}`; v1 (the "
+              f"first study) stays in `../forgetting/`.", ""]
     n_done = len(runs)
     n_total = n_done + len(ready) + _waiting_count(cfg, waiting)
-    lines += [f"**Status: {n_done} of ~{n_total} planned runs finished.**"
-              + ("" if not (ready or waiting) else " Numbers below use only finished runs; where a CI is missing "
-                                                   "no conclusion is drawn."), ""]
+    lines += [_status_line(n_done, n_total, bool(ready or waiting)), ""]
     if base is None:
         text = "\n".join(lines + ["No base evaluation yet: nothing has run."]) + "\n"
         (out / "results.md").write_text(text, encoding="utf-8")
         return text
-    A = analyse(cfg, runs, base, B=B)
+    A = analyse_stable(cfg, runs, base, B=B, B_max=B_max)
     sel_p = out / "selections.json"
     sel = json.loads(sel_p.read_text(encoding="utf-8")) if sel_p.exists() else None
     lines += ["## Setup", "",
@@ -318,20 +519,21 @@ def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool =
                                  + ", ".join(f"{k} {v}" for k, v in d["kinds"].items())
                                  + f" | {kr[0]:.3g} … {kr[1]:.3g} | {d['rule']} |")
         lines.append("")
+    lines += ["## How the comparisons are read", ""] + _rule_text(A)
     lines += ["## Primary endpoint: control-loss increase at L\\* (nats; lower = less forgetting)", "",
               "Interpolated on each run's curve (curve windows), at the LR chosen on seed 0 by the pre-registered rule. "
-              "Differences are arm − κ-low, paired per seed; 95% CI from a bootstrap over seeds and windows; Holm over "
-              "the arms; MDE = 2.80 × bootstrap SE (α 0.05, 80% power); t-CI = paired t over seeds (conservative "
-              "companion for 3 seeds). Per seed: n/r = L\\* not reached within the run, — = not run yet.", "",
+              "Differences are arm − κ-low, paired per seed; bootstrap over seeds and windows; Holm over the arms. "
+              "Per seed: n/r = L\\* not reached within the run, — = not run yet.", "",
               "| arm | LR (grid) | trainable | per seed | mean | vs κ-low | steps to L\\* |", "|---|---|---|---|---|---|---|"]
     for a, m in A["main"].items():
         lr = "—" if m["lr"] is None else f"{m['lr']:g}"
-        vs = "(reference)" if a == REF else verdict(m["vs_kappa_low"])
+        vs = "(reference)" if a == REF else _short(m["vs_kappa_low"], missing=_missing(m["status"]))
         stp = ", ".join("—" if x is None else f"{x:.0f}" for x in m["steps_to_lstar"])
         tp = "—" if m["trainable_params"] is None else f"{m['trainable_params']:,}"
         lines.append(f"| {fv.LABELS[a]} | {lr} ({', '.join(f'{x:g}' for x in m['lr_grid'])}) | {tp} | "
                      f"{_seeds_str(m['seeds'], m['status'])} | {_v(m['mean'])} | {vs} | {stp} |")
-    lines += ["", "## Headline (computed from the CIs)", ""] + headline(A, cfg)
+    lines += [""] + comparison_table(A, "primary", cfg)
+    lines += ["## Headline (computed from the CIs)", ""] + headline(A, cfg)
     lines += ["", "## Secondary: last step, every fixed LR (final windows)", "",
               "| arm | LR | seed | Δtask | Δcontrol | Δcontrol accuracy | Δcontrol at L\\* (curve) |",
               "|---|---|---|---|---|---|---|"]
@@ -340,41 +542,51 @@ def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool =
             for r in rows:
                 lines.append(f"| {fv.LABELS[a]} | {lr} | {r['seed']} | {_v(r['dtask_last'])} | {_v(r['dcontrol_last'])} | "
                              f"{_v(r['dcontrol_acc_last'])} | {_v(r['dcontrol_at_lstar'])} |")
-    lines += ["", "Last-step Δcontrol at the chosen LR vs κ-low (unmatched adaptation: read with Δtask):", ""]
-    for a, m in A["main"].items():
-        if a != REF:
-            lines.append(f"- {fv.LABELS[a]}: {verdict(m['last_vs_kappa_low'])}")
+    lines += ["", "Last-step Δcontrol at the chosen LR vs κ-low (unmatched adaptation: read with Δtask).", ""]
+    lines += comparison_table(A, "last", cfg)
     for d, rows in A.get("exploratory", {}).items():
-        lines += ["", f"## Exploratory, not pre-registered: Δcontrol at base − {d} nats (curve windows)", "",
+        lines += [f"## Exploratory, not pre-registered: Δcontrol at base − {d} nats (curve windows)", "",
                   "Added after the first runs showed L\\* reached within ~20 steps (the primary endpoint then rests on "
-                  "the first 20–40 steps). Same interpolation and statistics; read as exploratory.", "",
+                  "the first 20–40 steps). Same interpolation and statistics; read as exploratory. Per seed: n/r = "
+                  "the level was not reached within the run.", "",
                   "| arm | per seed | vs κ-low |", "|---|---|---|"]
         for a, m in rows.items():
-            lines.append(f"| {fv.LABELS[a]} | {_seeds_str(m['seeds'])} | "
-                         f"{'(reference)' if a == REF else verdict(m['vs_kappa_low'])} |")
-    lines += ["", f"## Longer training ({cfg.long_steps} steps)", "",
+            lines.append(f"| {fv.LABELS[a]} | {_seeds_str(m['seeds'], m['status'])} | "
+                         f"{'(reference)' if a == REF else _short(m['vs_kappa_low'], missing=_missing(m['status']))} |")
+        lines += [""] + comparison_table(A, f"exploratory_{d}", cfg)
+    lines += [f"## Longer training ({cfg.long_steps} steps)", "",
               f"| arm | LR | Δtask last | Δcontrol last | Δcontrol at L\\* | Δcontrol at base − {cfg.long_lstar_delta} | "
               "last vs κ-low | deep level vs κ-low |", "|---|---|---|---|---|---|---|---|"]
     for a, m in A["long"].items():
         lr = "—" if m["lr"] is None else f"{m['lr']:g}"
         lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dtask_last'])} | {_seeds_str(m['dcontrol_last'])} | "
-                     f"{_seeds_str(m['dcontrol_at_lstar'])} | {_seeds_str(m['dcontrol_at_L_long'])} | "
-                     f"{'—' if a == REF else verdict(m['last_vs_kappa_low'])} | "
-                     f"{'—' if a == REF else verdict(m['L_long_vs_kappa_low'])} |")
-    lines += ["", f"## Continual learning: {cfg.task} ({cfg.steps} steps) then {cfg.task2} ({cfg.seq_steps} steps)", "",
+                     f"{_seeds_str(m['dcontrol_at_lstar'])} | {_seeds_str(m['dcontrol_at_L_long'], m['status_L_long'])} | "
+                     f"{'—' if a == REF else _short(m['last_vs_kappa_low'])} | "
+                     f"{'—' if a == REF else _short(m['L_long_vs_kappa_low'], missing=_missing(m['status_L_long']))} |")
+    lines += [""] + comparison_table(A, "long_last", cfg) + comparison_table(A, "long_deep", cfg)
+    lines += [f"## Continual learning: {cfg.task} ({cfg.steps} steps) then {cfg.task2} ({cfg.seq_steps} steps)", "",
               "Control forgetting = control loss after task 2 − base; task-1 forgetting = task-1 loss after task 2 − "
-              "after task 1 (final windows).", "",
-              "| arm | LR | Δcontrol after task 1 | Δcontrol after task 2 | task-1 forgetting | Δtask 2 | κ re-scan "
-              "(changed / recomputed) | control vs κ-low | task-1 forgetting vs κ-low |", "|---|---|---|---|---|---|---|---|---|"]
+              "after task 1; Δtask 1 after task 1 = task-1 loss after task 1 − base (how far task 1 went before task 2); "
+              "all on the final windows.", "",
+              "| arm | LR | Δtask 1 after task 1 | Δcontrol after task 1 | Δcontrol after task 2 | task-1 forgetting | "
+              "Δtask 2 | κ re-scan (changed / recomputed) | control vs κ-low | task-1 forgetting vs κ-low |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for a, m in A["sequential"].items():
         lr = "—" if m["lr"] is None else f"{m['lr']:g}"
         rs = "; ".join("—" if x is None else f"{x['changed_tensors']} / {x['recomputed']}" for x in m["rescan"])
-        lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dcontrol_after_task1'])} | {_seeds_str(m['seeds'])} | "
+        lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dtask1_after_task1'])} | "
+                     f"{_seeds_str(m['dcontrol_after_task1'])} | {_seeds_str(m['seeds'])} | "
                      f"{_seeds_str(m['task1_forgetting'])} | {_seeds_str(m['dtask2_after_task2'])} | {rs} | "
-                     f"{'—' if a == REF else verdict(m['vs_kappa_low'])} | "
-                     f"{'—' if a == REF else verdict(m['task1_forgetting_vs_kappa_low'])} |")
+                     f"{'—' if a == REF else _short(m['vs_kappa_low'])} | "
+                     f"{'—' if a == REF else _short(m['task1_forgetting_vs_kappa_low'], LOSES_TASK1)} |")
+    lines += [""]
+    for label in ("seq_control", "seq_task1", "seq_task1_vs_base", "seq_task1_gain"):
+        lines += comparison_table(A, label, cfg)
+    lines += ["The last two families are descriptive (not pre-registered): where each arm stands on task 1 after task 2 "
+              "and after task 1, so that task-1 forgetting can be read against how far task 1 had gone.", ""]
+    lines += monte_carlo_section(A)
     C = A["compute"]
-    lines += ["", "## Compute", "",
+    lines += ["## Compute", "",
               f"{n_done} runs: {C['cpu_s'] / 3600:.2f} h of process CPU time, {C['wall_s'] / 3600:.2f} h wall "
               "(wall includes any pause of the runner by other benchmarks; CPU time does not).", "",
               "| phase | runs | steps | CPU h | wall h |", "|---|---|---|---|---|"]
@@ -395,8 +607,34 @@ def write_report(cfg, out: Path, command: str = "", B: int = 2000, plots: bool =
             lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in made]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text, encoding="utf-8")
-    fv.atomic_write_json(out / "summary.json", summary(cfg, A, base, runs, ready, waiting))
+    s = summary(cfg, A, base, runs, ready, waiting)
+    json.dumps(s, allow_nan=False)                     # strict JSON, or fail here rather than write it
+    fv.atomic_write_json(out / "summary.json", s)
     return text
+
+
+def monte_carlo_section(A: Mapping[str, Any]) -> List[str]:
+    """How many replicates it took, and each comparison's Monte-Carlo error and margin."""
+    mc = A["monte_carlo"]
+    hist = "; ".join(f"B = {h['B']:,}: " + (", ".join(h["at_risk"]) if h["at_risk"] else "none at risk")
+                     for h in mc["history"])
+    lines = ["## Monte-Carlo error of the bootstrap", "",
+             f"Replicates raised from {mc['B_start']:,} (doubling, at most {mc['B_max']:,}) while any verdict was within "
+             f"{mc['k']:g} Monte-Carlo SEs of flipping (Holm p within {mc['k']:g} MC-SE of {mc['alpha']:g}, or, "
+             f"below it, the CI bound nearest zero within {mc['k']:g} of its MC-SEs of zero). Comparisons at risk at "
+             f"each count: {hist}. Final B = {mc['B']:,}: "
+             + ("no verdict can flip by Monte-Carlo noise." if mc["stable"] else
+                f"**still at risk at the maximum: {', '.join(mc['at_risk'])}**."), "",
+             "| comparison | bootstrap p (MC-SE) | p_holm (MC-SE) | margin to α in MC-SEs | CI bounds' MC-SE | "
+             "replicates kept |", "|---|---|---|---|---|---|"]
+    for k, c in A["comparisons"].items():
+        if c.get("p") is None:
+            continue
+        margin = "—" if c.get("mc_margin") is None else f"{c['mc_margin']:.1f}"
+        p = f"{c['p']:.3g} ({c['p_mc_se']:.2g})" + (" floor" if c.get("p_at_floor") else "")
+        lines.append(f"| {k} | {p} | {c['p_holm']:.3g} ({c['p_holm_mc_se']:.2g}) | {margin} | "
+                     f"{c['ci95_mc_se'][0]:.4f}, {c['ci95_mc_se'][1]:.4f} | {c['kept']:,} |")
+    return lines + [""]
 
 
 def _waiting_count(cfg, waiting) -> int:
@@ -418,10 +656,10 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
                f"(mean {m[REF]['mean']:+.4f} nats).")
     for a in ("random_kind", "kappa_high_kind"):
         if a in m:
-            out.append(f"- κ vs kind — {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'])}.")
+            out.append(f"- κ vs kind — {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'], missing=_missing(m[a]['status']))}.")
     for a in ("kappa_low_kind", "random", "spectrum", "lora", "full"):
         if a in m:
-            out.append(f"- {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'])}.")
+            out.append(f"- {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'], missing=_missing(m[a]['status']))}.")
     for a, s in A["long"].items():
         if a != REF:
             dt = [x for x in s["dtask_last"] if x is not None]
@@ -432,8 +670,20 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
                        f"{dtask}.")
     for a, s in A["sequential"].items():
         if a != REF:
-            out.append(f"- sequential, {fv.LABELS[a]}: control {verdict(s['vs_kappa_low'])}; task 1 "
-                       f"{verdict(s['task1_forgetting_vs_kappa_low'], what='loses task 1')}.")
+            out.append(f"- sequential, {fv.LABELS[a]}: control {verdict(s['vs_kappa_low'])}; task-1 forgetting: "
+                       f"{verdict(s['task1_forgetting_vs_kappa_low'], LOSES_TASK1)}; before task 2 (descriptive), "
+                       f"task 1: {verdict(s['task1_gain_vs_kappa_low'], _words('seq_task1_gain'))}.")
+    disagree = [k for k, c in A["comparisons"].items()
+                if c.get("ci95") is not None and c.get("t_decision") is not None and c["t_decision"] != c["decision"]]
+    if disagree:
+        out.append("- Where the paired t over seeds (Holm over the same family) disagrees with the pre-registered "
+                   "bootstrap verdict: " + ", ".join(disagree) + ".")
+    mc = A.get("monte_carlo")
+    if mc:
+        out.append(f"- Bootstrap replicates: {mc['B']:,} (raised from {mc['B_start']:,} until no verdict is within "
+                   f"{mc['k']:g} Monte-Carlo SEs of α = {mc['alpha']:g}): "
+                   + ("no verdict can flip by Monte-Carlo noise." if mc["stable"] else
+                      f"still at risk at the maximum: {', '.join(mc['at_risk'])}."))
     return out
 
 
@@ -455,8 +705,12 @@ def summary(cfg, A, base, runs, ready, waiting) -> Dict[str, Any]:
             "exploratory_not_preregistered": A["exploratory"],
             "L_star": A["L_star"], "L_long": A["L_long"], "chosen_lr": A["chosen_lr"],
             "endpoint": "control-loss increase (nats) at task loss L*, interpolated on the curve windows",
+            "verdict_rule": ("pre-registered, on the bootstrap: 'more'/'less' only where the bootstrap 95% CI excludes 0 "
+                             "and the Holm-adjusted bootstrap p < 0.05 (decision +1/-1, else 0); t_decision applies "
+                             "the same rule to the paired-t interval and its Holm-adjusted p, for comparison only"),
             "base": {k: v for k, v in base.items() if not k.endswith("_pw")},
             "config": cfg.to_dict(), "compute": A["compute"], "bootstrap_replicates": A["bootstrap"],
+            "monte_carlo": A.get("monte_carlo"),
             "finished_runs": sorted(runs), "missing_ready": [s.run_id for s in ready], "missing_waiting": list(waiting),
             "headline": [h.replace("\\*", "*") for h in headline(A, cfg)]})
 

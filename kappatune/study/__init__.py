@@ -1,0 +1,1 @@
+"""Tools for running and analysing studies that compare fine-tuning selections."""
