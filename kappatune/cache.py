@@ -34,6 +34,13 @@ What the cache promises
   never treated as corrupt; a corrupt file is moved aside under a unique name and recomputed; a
   file that is not a kappatune cache, or was written by a newer kappatune, is never read or
   overwritten.
+* **Read-only locations**: a database this process may not write (a read-only mount, another
+  user's folder) is opened read-only (SQLite ``mode=ro``; ``immutable=1`` when a WAL database
+  cannot be opened otherwise) and its entries are used; one warning says that new values will not
+  be saved, and why.
+* **Nothing outside the folder**: kappatune never follows a symbolic link at a file it creates or
+  writes (the cache file, SQLite's ``-wal``/``-shm``/``-journal`` files, the lock files): such a
+  link is named in a warning and the scan goes on without the cache.
 
 Example::
 
@@ -74,6 +81,8 @@ _LAYOUTS = ("matrix", "flatten", "stack")
 _RTOL = 1e-9  # "within rounding" for κ = σ_max/σ_min and for the aggregate of a stack
 _EPS64 = 2.220446049250313e-16
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 PathLike = Union[str, bytes, "os.PathLike[str]"]
 
@@ -312,6 +321,24 @@ class _Corrupt(Exception):
     """The file is ours by name but its content is damaged: it is moved aside and rebuilt."""
 
 
+class _Symlink(Exception):
+    """A file kappatune would create or write is a symbolic link: never followed (the cache is not used)."""
+
+
+def _refuse_symlinks(*paths: Path) -> None:
+    """Raise :class:`_Symlink` naming the first of ``paths`` that is a symbolic link (dangling or not).
+
+    Following one would create or write a file wherever the link points, outside the cache folder.
+    """
+    for p in paths:
+        if os.path.islink(p):
+            try:
+                target = os.readlink(p)
+            except OSError:
+                target = "?"
+            raise _Symlink(f"{p} is a symbolic link (to {target})")
+
+
 def _umask() -> int:
     try:  # Linux >= 4.7 reports it without changing it
         with open("/proc/self/status", encoding="ascii") as f:
@@ -348,8 +375,15 @@ def _move_aside(path: Path, reason: str) -> Path:
 
 @contextlib.contextmanager
 def _file_lock(lock_path: Path, what: Path):
-    """An exclusive lock on ``lock_path`` (created ``0666 & ~umask``); says so when it has to wait."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    """An exclusive lock on ``lock_path`` (created ``0666 & ~umask``, never through a symbolic link);
+    says so when it has to wait."""
+    _refuse_symlinks(lock_path)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link made since the check above
+            raise _Symlink(f"{lock_path} is a symbolic link") from None
+        raise
     try:
         t0 = time.monotonic()
         told = False
@@ -412,6 +446,7 @@ class _JsonStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
         self.entries: Dict[str, dict] = {}
         self.malformed = 0
 
@@ -422,6 +457,7 @@ class _JsonStore:
         else as parsed, for lookups, which validate each entry they use. ``quiet``: no warning
         about invalid entries.
         """
+        _refuse_symlinks(self.path, self.lock_path)
         raw = _read_bytes(self.path)
         if raw is None:
             return {}
@@ -469,7 +505,7 @@ class _JsonStore:
     def write(self, new: Mapping[str, dict]) -> Dict[str, dict]:
         """Merge ``new`` into the file under the lock; returns the merged entries."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.path.with_name(self.path.name + ".lock"), self.path):
+        with _file_lock(self.lock_path, self.path):
             self._remove_orphans()
             try:
                 on_disk = self.read(quiet=True)
@@ -542,12 +578,44 @@ def _network_fs(path: Path) -> bool:
 _INHERITED: List[Any] = []  # connections a forked child must neither use nor close
 
 
+def _rollback(con) -> None:
+    """Roll back the open transaction, if SQLite has not already done so, never masking the error
+    being raised: after "database or disk is full" SQLite has rolled back itself, and an explicit
+    ROLLBACK would fail with "cannot rollback - no transaction is active" instead."""
+    if con.in_transaction:
+        with contextlib.suppress(Exception):
+            con.execute("ROLLBACK")
+
+
+def _readonly_reason(path: Path) -> Optional[str]:
+    """Why this process may not write the database at ``path`` (which exists), or ``None``.
+
+    SQLite writes the file and creates its journal (``-wal``, ``-journal``) next to it, so the
+    folder must be writable too.
+    """
+    folder = path.parent
+    try:
+        if os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1):
+            return "is on a read-only file system"
+    except (OSError, AttributeError):  # no statvfs (Windows): the checks below decide
+        pass
+    kw = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    if not os.access(path, os.W_OK, **kw):
+        return "may not be written by this user"
+    if not os.access(folder, os.W_OK | os.X_OK, **kw):
+        return f"is in a folder this user may not write to ({folder})"
+    return None
+
+
 class _SqliteStore:
     """``entries(key, entry)`` rows (the entry as compact JSON) in an SQLite database in WAL mode."""
 
     def __init__(self, path: Path, legacy_json: Optional[Path]) -> None:
         self.path = path
         self.legacy = legacy_json
+        self.lock_path = path.with_name(path.name + ".lock")
+        #: why the open database is read-only (``None``: it is writable); set by :meth:`connect`
+        self.readonly: Optional[str] = None
         self._con = None
         self._pid = None
 
@@ -593,18 +661,27 @@ class _SqliteStore:
         self._con = None
         con = self._open()
         self._con, self._pid = con, os.getpid()
-        if self.legacy is not None:
+        if self.legacy is not None and self.readonly is None:
             self._import_legacy(con)
         return con
 
     def _open(self):
         import sqlite3
 
+        # SQLite follows links (and puts its -wal/-shm next to the target): refuse them all.
+        _refuse_symlinks(self.path, *(Path(str(self.path) + c) for c in _SQLITE_COMPANIONS), self.lock_path)
         head = _read_bytes(self.path, limit=len(_SQLITE_HEADER))
+        self.readonly = None if head is None else _readonly_reason(self.path)
+        if self.readonly is not None:
+            if head and head != _SQLITE_HEADER:
+                raise _Unreadable(f"it is not an SQLite database, and it {self.readonly}")
+            try:
+                return self._connect_checked(sqlite3)
+            except _Corrupt as e:
+                raise _Unreadable(f"it is damaged ({e}), and it {self.readonly}") from None
         if head is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):  # created 0666 & ~umask; SQLite's -wal/-shm copy it
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            self._create()
         elif head and head != _SQLITE_HEADER:  # an empty file is a valid empty database
             self._rebuild("it is not an SQLite database", self._inode())
         try:
@@ -614,6 +691,14 @@ class _SqliteStore:
             self._rebuild(str(e), ino)
             con = self._connect_checked(sqlite3)
         return con
+
+    def _create(self) -> None:
+        """An empty database file, ``0666 & ~umask`` (SQLite's -wal/-shm copy its mode); never through
+        a link (``O_EXCL`` does not follow one)."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666))
+        except FileExistsError:
+            _refuse_symlinks(self.path)  # a link made since the check in _open; else another process made it
 
     def _inode(self) -> Optional[Tuple[int, int]]:
         try:
@@ -626,21 +711,23 @@ class _SqliteStore:
         """Move a corrupt database aside and start an empty one (under a lock; unless another
         process has already replaced the file that was found corrupt)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.path.with_name(self.path.name + ".lock"), self.path):
+        with _file_lock(self.lock_path, self.path):
             if ino is not None and self._inode() == ino:
                 _move_aside(self.path, reason)
-                for suffix in ("-wal", "-shm", "-journal"):
+                for suffix in _SQLITE_COMPANIONS:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(str(self.path) + suffix)
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            self._create()
 
     def _connect_checked(self, sqlite3):
-        try:
-            con = sqlite3.connect(str(self.path), timeout=_LOCK_NOTICE_S, isolation_level=None,
-                                  check_same_thread=False)
-        except sqlite3.OperationalError as e:
-            raise _Unreadable(str(e)) from None
+        if self.readonly is not None:
+            con = self._connect_readonly(sqlite3)
+        else:
+            try:
+                con = sqlite3.connect(str(self.path), timeout=_LOCK_NOTICE_S, isolation_level=None,
+                                      check_same_thread=False)
+            except sqlite3.OperationalError as e:
+                raise _Unreadable(str(e)) from None
         try:
             self._retry(lambda: self._init(con), "open it")
         except sqlite3.DatabaseError as e:
@@ -651,6 +738,37 @@ class _SqliteStore:
         except BaseException:
             con.close()
             raise
+        return con
+
+    def _connect_readonly(self, sqlite3):
+        """A read-only connection (``mode=ro``: nothing is written, not even a journal).
+
+        A WAL database whose ``-shm`` file is gone (closed cleanly) cannot be opened that way where
+        the folder is not writable (SQLite would create the ``-shm``): it is then opened with
+        ``immutable=1``, which reads the database file alone, without locks. That is safe for a
+        cache: a value another process commits meanwhile is not seen (it is recomputed here), and a
+        page read while another process rewrote it fails validation or raises, which turns the
+        cache off with a warning; a wrong κ is never used.
+        """
+        from urllib.parse import quote
+
+        uri = "file:" + quote(os.path.abspath(self.path)) + "?mode=ro"
+        con = None
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=_LOCK_NOTICE_S, isolation_level=None,
+                                  check_same_thread=False)
+            self._retry(lambda: con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone(), "open it")
+            return con
+        except sqlite3.DatabaseError as e:  # "unable to open database file": the -shm cannot be made
+            if con is not None:
+                con.close()
+            if _sqlite_corrupt(e):
+                raise _Corrupt(str(e)) from None
+        try:
+            con = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.OperationalError as e:
+            raise _Unreadable(str(e)) from None
+        self.readonly += " (opened as immutable: values other processes save meanwhile are not seen)"
         return con
 
     def _init(self, con) -> None:
@@ -672,7 +790,7 @@ class _SqliteStore:
                             (CACHE_FORMAT, str(SCHEMA_VERSION)))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
             tables = {"meta", "entries"}
         if not {"meta", "entries"} <= tables:
@@ -682,7 +800,7 @@ class _SqliteStore:
             raise _NotOurs("it is an SQLite database of another program")
         try:
             version = int(meta.get("schema_version", ""))
-        except ValueError:
+        except (TypeError, ValueError):  # TypeError: a NULL in a table made by hand
             raise _Corrupt("it has no integer schema_version") from None
         if version > SCHEMA_VERSION:
             raise _NotOurs(f"it was written by a newer kappatune (schema {version} > {SCHEMA_VERSION})")
@@ -721,7 +839,7 @@ class _SqliteStore:
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('imported_json', ?)", (sig,))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
 
         import sqlite3
@@ -754,14 +872,15 @@ class _SqliteStore:
                 con.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)", rows)
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
 
         self._retry(write, "save")
 
     def keys(self) -> List[str]:
         con = self.connect()
-        return [r[0] for r in self._retry(lambda: con.execute("SELECT key FROM entries").fetchall(), "read it")]
+        rows = self._retry(lambda: con.execute("SELECT key FROM entries").fetchall(), "read it")
+        return [r[0] for r in rows if isinstance(r[0], str)]  # a table made by hand may hold other types
 
     def count(self) -> int:
         con = self.connect()
@@ -784,7 +903,9 @@ class KappaCache:
 
     Use :meth:`get` / :meth:`put` with keys from :meth:`key`, then :meth:`save`.
     :func:`kappatune.scan` does all of this for you. Nothing here raises for a bad, unreadable,
-    foreign or locked file: it warns (naming the file) and the scan goes on without it.
+    foreign or locked file, or a symbolic link where the cache would create a file: it warns (naming
+    the file) and the scan goes on without it. A database this process may not write is read (one
+    warning says new values are not saved).
     """
 
     def __init__(self, path: Optional[PathLike] = None) -> None:
@@ -896,6 +1017,9 @@ class KappaCache:
             self._disable(f"cannot be read ({e})")
             return found
         for k, text in rows.items():
+            if not isinstance(text, str):  # a table made by hand, without TEXT affinity: 3, 2.5, NULL, a blob
+                self._reject(k, text, InvalidEntry(f"it is stored as {type(text).__name__}, not as JSON text"))
+                continue
             try:
                 found[k] = _loads(text)
             except ValueError as why:
@@ -1005,6 +1129,13 @@ class KappaCache:
                 self._json.entries = self._json.read(validate=False)  # each entry checked when used
             else:
                 self._sql.connect()  # type: ignore[union-attr]
+                if self._sql.readonly is not None:  # type: ignore[union-attr]
+                    logger.warning("κ cache %s %s: using the values it holds, but new κ values will not be saved. "
+                                   "Pass a writable cache_dir (or set KAPPATUNE_CACHE_DIR) to keep them.",
+                                   self.path, self._sql.readonly)  # type: ignore[union-attr]
+                    self._writable = False
+        except _Symlink as e:
+            self._refuse_link(e)
         except _NotOurs as e:
             logger.warning("κ cache %s is not used and will not be overwritten: %s. "
                            "Pass another cache_dir.", self.path, e)
@@ -1015,6 +1146,12 @@ class KappaCache:
             logger.warning("κ cache %s is corrupt (%s): ignoring it, κ will be recomputed", self.path, e)
         except Exception as e:  # an OS or SQLite error opening it: never fails a scan
             self._disable(f"could not be opened ({type(e).__name__}: {e})")
+
+    def _refuse_link(self, e: _Symlink) -> None:
+        logger.warning("κ cache %s: %s; kappatune never follows a symbolic link for a file it creates or writes "
+                       "(that could put files outside the cache folder): going on without the cache. Remove the "
+                       "link, or pass the real path as the cache.", self.path, e)
+        self._usable = self._writable = False
 
     def save(self) -> bool:
         """Write the new entries (merged with what is on disk). Returns True if written.
@@ -1037,6 +1174,9 @@ class KappaCache:
                 return False
             except _Unreadable as e:
                 self._disable(f"cannot be read ({e})")
+                return False
+            except _Symlink as e:
+                self._refuse_link(e)
                 return False
         except Exception as e:  # OSError, TimeoutError, sqlite3.Error, ...: never fails the scan
             logger.warning("κ cache %s could not be written (%s); continuing without saving. "

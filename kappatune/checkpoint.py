@@ -31,8 +31,14 @@ Layouts: 2-D tensors are matrices; 3-D tensors whose name ends in ``.weight`` or
 (``"flatten"``); other 3-D tensors are stacks of matrices such as fused mixture-of-experts
 weights ``(experts, m, n)`` (``"stack"``, κ per matrix, aggregated); tensors of 4 or more
 dimensions are flattened. This is the rule :func:`kappatune.scan` applies to a module tree, where
-convolutions are recognised by their module class. Integer, boolean and float8 tensors are skipped (float8 weights need their separate
-scales to mean anything).
+convolutions are recognised by their module class. Integer and boolean tensors are skipped.
+
+float8 tensors (``F8_E4M3``, ``F8_E5M2`` and their ``FNUZ`` variants) are analysed, as
+:func:`kappatune.scan` analyses a float8 parameter: κ of the stored values upcast exactly to
+float64, one rule for both paths (and the same cache entries). κ is invariant under a scale
+:math:`s`: :math:`\\kappa(sW) = \\kappa(W)`, so with one scale per tensor this is κ of the
+dequantized weight; with scales per row or per block (stored as separate tensors) it is κ of the
+stored values, not of the dequantized weight.
 
 Example::
 
@@ -73,9 +79,9 @@ WEIGHTS_NAME = "model.safetensors"
 _DTYPES: Dict[str, Tuple[str, bool]] = {
     "F64": ("float64", True), "F32": ("float32", True), "F16": ("float16", True),
     "BF16": ("bfloat16", True),
-    # float8 weights come with separate scales (per block, often): κ of the raw values would not be
-    # κ of the weight, so they are skipped like integer tensors.
-    "F8_E4M3": ("float8_e4m3fn", False), "F8_E5M2": ("float8_e5m2", False),
+    # float8: analysed like a float8 parameter of a model (κ of the values upcast; see the module docstring).
+    "F8_E4M3": ("float8_e4m3fn", True), "F8_E5M2": ("float8_e5m2", True),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", True), "F8_E5M2FNUZ": ("float8_e5m2fnuz", True),
     "I64": ("int64", False), "I32": ("int32", False), "I16": ("int16", False), "I8": ("int8", False),
     "U64": ("uint64", False), "U32": ("uint32", False), "U16": ("uint16", False), "U8": ("uint8", False),
     "BOOL": ("bool", False), "C64": ("complex64", False),
@@ -96,10 +102,18 @@ def checkpoint_layout(name: str, shape: Sequence[int]) -> str:
     return default_layout(name, shape)
 
 
+def _denied(path: Path, what: str = "file") -> CheckpointError:
+    """The error for a path this user may not read (never reported as missing)."""
+    return CheckpointError(f"{path}: permission denied: this user may not read the {what}; ask its owner to "
+                           "make it readable, or run as a user who may read it")
+
+
 def _check_regular(path: Path, what: str = "file") -> None:
     """Refuse what is not a regular file (a FIFO would block the reader forever)."""
     try:
         st = os.stat(path)
+    except PermissionError:
+        raise _denied(path, "folder it is in") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
@@ -107,6 +121,20 @@ def _check_regular(path: Path, what: str = "file") -> None:
                 stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
         raise CheckpointError(f"{path}: is {kind}, not a {what}; pass the .safetensors file itself "
                               "(save a stream to a file first)")
+
+
+def _check_readable(path: Path) -> None:
+    """Raise the permission error for a file this user may not read.
+
+    Asked of the OS once safetensors has failed: safetensors reports such a file as "No such file or
+    directory".
+    """
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+    except PermissionError:
+        raise _denied(path) from None
+    except OSError:
+        pass
 
 
 def _safe_open(path: Path):
@@ -118,10 +146,12 @@ def _safe_open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except OSError as e:
+        _check_readable(path)
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
     except Exception as e:  # safetensors.SafetensorError: the file is not a valid safetensors file
         if type(e).__name__ != "SafetensorError":
             raise
+        _check_readable(path)
         hint = ""
         if path.suffix.lower() in _OTHER_WEIGHTS:
             hint = f"; {path.suffix} files are not read, save the model with save_pretrained (safetensors) first"
@@ -202,7 +232,11 @@ def _resolve(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> Tuple[List[P
     for p in paths:
         if not isinstance(p, (str, os.PathLike)):
             raise TypeError(f"checkpoint paths must be str or os.PathLike, got {type(p).__name__}")
-        found, idx = _resolve_one(Path(p).expanduser())
+        try:
+            found, idx = _resolve_one(Path(p).expanduser())
+        except PermissionError as e:  # a folder on the way this user may not enter or list
+            denied = Path(e.filename) if e.filename else Path(p)
+            raise _denied(Path(p), f"folder {denied.parent}") from None
         files.extend(found)
         indexes.extend(idx)
     return _unique(files), _unique(indexes)
@@ -225,7 +259,8 @@ def checkpoint_files(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List
 
 
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+                 "F8_E5M2FNUZ": "float8_e5m2fnuz", "I64": "int64", "I32": "int32",
                  "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
@@ -248,7 +283,10 @@ class _File:
             if self._fd is not None:
                 return self._fd
             _check_regular(self.path, "safetensors file")
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except PermissionError:
+                raise _denied(self.path) from None
             try:
                 size = os.fstat(fd).st_size
                 head = os.pread(fd, 8, 0)
@@ -317,7 +355,8 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
     """One lazily loaded :class:`~kappatune.refs.TensorRef` per tensor of the checkpoint.
 
     Only the headers are read here; ``ref.load()`` reads that one tensor with ``pread``.
-    Raises :class:`CheckpointError` for a missing path, a folder without safetensors weights, a
+    Raises :class:`CheckpointError` for a missing path, a file or folder this user may not read
+    ("permission denied", never reported as missing), a folder without safetensors weights, a
     file that is not valid safetensors, an index naming a tensor its shard lacks, or a tensor name
     that appears in two files.
     """

@@ -222,6 +222,8 @@ def read_scan(path: Path) -> Tuple[Any, Dict[str, Any]]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CLIError(f"{path}: cannot read it as JSON ({e})") from None
+    except RecursionError:
+        raise CLIError(f"{path}: cannot read it as JSON (nested too deeply); it is not a scan result") from None
     if not isinstance(doc, dict) or doc.get("format") != SCAN_FORMAT:
         raise CLIError(f"{path}: not a kappatune scan result (write one with: kappatune scan MODEL -o {path.name})")
     if not isinstance(doc.get("version"), int) or doc["version"] > SCAN_VERSION:
@@ -276,6 +278,8 @@ def _saved_scan(paths: Sequence[str]) -> Optional[Path]:
         head = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CLIError(f"{p}: cannot read it as JSON ({e})") from None
+    except RecursionError:
+        raise CLIError(f"{p}: cannot read it as JSON (nested too deeply); it is not a scan result") from None
     if isinstance(head, dict) and "weight_map" in head:
         return None  # a sharded checkpoint's index
     if isinstance(head, dict) and head.get("format") == "kappatune-kappa-cache":
@@ -346,7 +350,7 @@ def _opts(saved: Path, key: str = "options") -> Any:
     """``doc[key]`` of a JSON file (its options by default), or ``{}``."""
     try:
         return json.loads(saved.read_text(encoding="utf-8")).get(key) or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return {}
 
 
@@ -550,6 +554,22 @@ def _inherited_fd(path: str) -> Optional[int]:
     return None
 
 
+def _own_stream(st: os.stat_result) -> Optional[int]:
+    """1 or 2 if ``st`` is the file this process's stdout or stderr is open on, else None.
+
+    Catches what a name cannot: a link to ``/proc/self/fd/1``, or the very file the shell
+    redirected stdout to (``-o out.txt > out.txt``).
+    """
+    for fd in (1, 2):
+        try:
+            own = os.fstat(fd)
+        except OSError:
+            continue
+        if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+            return fd
+    return None
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -561,7 +581,9 @@ def write_output(path: str, data: bytes) -> None:
     """Write ``data`` where ``-o PATH`` says, the way a user expects.
 
     * ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` (the shell's ``-o >(jq .)``): written to that
-      open descriptor, so its position and any redirection are kept;
+      open descriptor, so its position and any redirection are kept; so is any path that leads to the
+      file stdout or stderr is open on (a link to ``/proc/self/fd/1``, the file stdout is redirected
+      to): compared by device and inode, it is written through the stream, never replaced;
     * a FIFO, a character device (``/dev/null``), a socket, or a link to one: written into, never
       replaced;
     * a regular file (or a new name): a temporary file with an unpredictable name is created in the
@@ -587,6 +609,11 @@ def write_output(path: str, data: bytes) -> None:
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise CLIError(f"{path}: is a folder; give -o a file name")
+    own = None if st is None else _own_stream(st)
+    if own is not None:  # stdout/stderr itself: replacing it would lose everything printed later
+        (sys.stdout if own == 1 else sys.stderr).flush()
+        _write_all(own, data)
+        return
     if st is not None and not stat.S_ISREG(st.st_mode):
         out = os.open(p, os.O_WRONLY)  # a FIFO blocks here until a reader opens it, as with `cat > fifo`
         try:

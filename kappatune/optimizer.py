@@ -561,6 +561,31 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         sd = dict(sd)
         rec = sd.pop(STATE_KEY, None)
         if rec is None:
+            # A plain torch.optim state dict: refuse one that cannot fit the selected tensors (another
+            # model's or another selection's) here, with the reason, not with a crash in step().
+            ours = [len(g["params"]) for g in self.inner.param_groups]
+            saved = sd.get("param_groups")
+            counts = ([len(g.get("params", ())) if isinstance(g, Mapping) else None for g in saved]
+                      if isinstance(saved, list) else None)
+            refuse = ("cannot load this optimizer state: it carries no kappatune selection and {}; it was saved for "
+                      "another model or selection. Load a state dict written by KappaTuneOptimizer.state_dict(), "
+                      "or start a fresh optimizer.")
+            if counts != ours:
+                raise ValueError(refuse.format(f"its param groups hold {counts} tensor(s), but this optimizer's "
+                                               f"hold {ours} (the selected tensors)"))
+            # State that torch's optimizers (and bitsandbytes') keep in the shape of the parameter.
+            shaped = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                      "acc_delta", "grad_avg", "sum", "prev", "step_size", "ax", "variance", "state1", "state2")
+            index = {i: p for g, o in zip(saved, self.inner.param_groups) for i, p in zip(g["params"], o["params"])}
+            names_by_id = _param_names_by_id(self._module)
+            for i, st in (sd.get("state") or {}).items():
+                p = index.get(i)
+                for k in shaped if p is not None and isinstance(st, Mapping) else ():
+                    v = st.get(k)
+                    if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(p.shape):
+                        raise ValueError(refuse.format(
+                            f"its {k!r} of tensor #{i} has shape {tuple(v.shape)}, but the selected tensor there, "
+                            f"{names_by_id.get(id(p), '?')!r}, has shape {tuple(p.shape)}"))
             logger.warning("this optimizer state dict carries no kappatune selection; loading it as the state of "
                            "the current %d selected tensors (their order must match the saved one)",
                            len(self._selected))

@@ -18,8 +18,9 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
 
@@ -93,9 +94,12 @@ def _check_table(table: KappaTable, module: nn.Module, *, min_ndim: int, max_dim
 
 def _explicit(module: nn.Module, names: Sequence[str], table: Optional[KappaTable], cache: CacheArg,
               aggregate: str) -> Selection:
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise TypeError("names must be a list of parameter names (strings)")
-    names = list(names)
+    try:  # any iterable of names, read once (a generator would be used up by a first look)
+        names = list(names) if not isinstance(names, (str, bytes)) else None  # type: ignore[assignment]
+    except TypeError:
+        names = None  # type: ignore[assignment]
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError("names must be a list (or any iterable) of parameter names (strings)")
     if not names:
         raise ValueError("names= is empty: give at least one parameter name to train")
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -129,6 +133,60 @@ def _explicit(module: nn.Module, names: Sequence[str], table: Optional[KappaTabl
                      table if table is not None else KappaTable(entries))
 
 
+def _tied_filter(module: nn.Module, include: Patterns, exclude: Patterns) -> NameFilter:
+    """The include/exclude filter, deciding each tied tensor once, over all its names.
+
+    A tensor with several names (tied weights, e.g. ``lm_head.weight`` and
+    ``model.embed_tokens.weight``) is trained or frozen as one object: it is a candidate when one of
+    its names is included and none is excluded. The scan and the table know it by its first name;
+    where another name decides, an exact pattern for the first name is added, with a warning naming
+    the names that share the tensor.
+    """
+    def as_list(patterns: Patterns) -> Patterns:  # read a generator once; NameFilter checks the rest
+        ok = patterns is not None and not isinstance(patterns, (str, bytes)) and isinstance(patterns, Iterable)
+        return list(patterns) if ok else patterns  # type: ignore[arg-type]
+
+    include, exclude = as_list(include), as_list(exclude)
+    filt = NameFilter(include, exclude)
+    if not filt.active:
+        return filt
+    groups: Dict[int, List[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names = groups.setdefault(id(p), [])
+        if n not in names:
+            names.append(n)
+    add_inc: List[str] = []
+    add_exc: List[str] = []
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        reasons = {n: filt.reason(n) for n in names}
+        if len(set(reasons.values())) == 1:
+            continue  # every name decides alike
+        first, shared = names[0], " = ".join(names)
+        if "excluded" in reasons.values():
+            by = [n for n in names if reasons[n] == "excluded"]
+            logger.warning("%s are one tensor (tied weights); exclude= matches %s, so it is frozen under every "
+                           "name: a tied tensor is trained or frozen as one", shared, ", ".join(by))
+            if reasons[first] != "excluded":
+                add_exc.append(f"^{re.escape(first)}$")
+        else:
+            by = [n for n in names if reasons[n] is None]
+            logger.warning("%s are one tensor (tied weights); include= matches %s, so it is a candidate, once, "
+                           "as %s", shared, ", ".join(by), first)
+            if reasons[first] is not None:
+                add_inc.append(f"^{re.escape(first)}$")
+    if not add_inc and not add_exc:
+        return filt
+
+    def extend(patterns: Patterns, extra: List[str]) -> Patterns:
+        if not extra:
+            return patterns
+        return [*([patterns] if isinstance(patterns, str) else (patterns or [])), *extra]
+
+    return NameFilter(extend(include, add_inc), extend(exclude, add_exc))
+
+
 def _cached_kappas(module: nn.Module, names: Sequence[str], cache: CacheArg, aggregate: str) -> Dict[str, float]:
     """κ of ``names`` found in the cache (no computation; missing ones are left out)."""
     store = resolve_cache(cache)
@@ -153,7 +211,7 @@ def resolve_selection(
     model: Optional[nn.Module],
     policy: Optional[SelectionPolicy] = None,
     *,
-    names: Optional[Sequence[str]] = None,
+    names: Optional[Iterable[str]] = None,
     include: Patterns = None,
     exclude: Patterns = None,
     table: Optional[KappaTable] = None,
@@ -170,14 +228,17 @@ def resolve_selection(
     Exactly one of ``policy`` and ``names`` is given. With a policy, the candidates are the
     tensors of ``table`` (checked against ``model`` and restricted by ``min_ndim``/``max_dim``) or,
     without a table, of a :func:`~kappatune.scan.scan` of ``model``; ``include``/``exclude``
-    restrict them in both cases.
+    restrict them in both cases. A tied tensor (one tensor, several names) is filtered as one
+    object: it is a candidate when one of its names is included and none is excluded, and a
+    warning names the names it shares.
 
     Args:
         model (Optional[nn.Module]): the (unwrapped) model; may be ``None`` only with ``table``
             and a policy (the command line, which has a checkpoint's table and no model).
         policy (Optional[SelectionPolicy]): the κ policy (default ``None``).
-        names (Optional[Sequence[str]]): an explicit list of parameter names instead (default
-            ``None``); κ is taken from ``table`` or, without one, from the cache (no computation).
+        names (Optional[Iterable[str]]): an explicit list (or any iterable) of parameter names
+            instead (default ``None``); κ is taken from ``table`` or, without one, from the cache
+            (no computation).
         include (None, str or sequence of str): regexes (``re.search`` on the name) a candidate
             must match (default ``None``).
         exclude (None, str or sequence of str): regexes that leave a candidate out (default
@@ -211,12 +272,12 @@ def resolve_selection(
         raise ValueError("give a selection policy (a SelectionPolicy) or names=")
     if not isinstance(policy, SelectionPolicy):
         raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
-    filt = NameFilter(include, exclude)
+    filt = NameFilter(include, exclude) if model is None else _tied_filter(model, include, exclude)
     if table is None:
         if model is None:
             raise ValueError("resolve_selection needs a model to scan, or table=")
-        table = scan(model, min_ndim=min_ndim, max_dim=max_dim, include=include, exclude=exclude, cache=cache,
-                     recompute=recompute, aggregate=aggregate, progress=progress)
+        table = scan(model, min_ndim=min_ndim, max_dim=max_dim, include=filt.include, exclude=filt.exclude,
+                     cache=cache, recompute=recompute, aggregate=aggregate, progress=progress)
     elif model is not None:
         table = _check_table(table, model, min_ndim=min_ndim, max_dim=max_dim, compare_shapes=compare_shapes)
     chosen = policy.apply(table, filt)
