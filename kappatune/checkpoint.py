@@ -67,7 +67,7 @@ from .scan import scan_refs
 from .selection import KappaTable
 
 __all__ = ["scan_checkpoint", "checkpoint_refs", "checkpoint_files", "checkpoint_layout", "CheckpointError",
-           "INDEX_NAME", "WEIGHTS_NAME"]
+           "SafetensorsFile", "INDEX_NAME", "WEIGHTS_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "
                  "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-class _File:
+class SafetensorsFile:
     """One safetensors file, opened once: its header parsed once, one descriptor for all its tensors.
 
     :meth:`read` takes one tensor with ``pread`` into a buffer of its size (no memory map, so the
@@ -276,7 +276,32 @@ class _File:
         self.path = path
         self._fd: Optional[int] = None
         self._offsets: Dict[str, Tuple[str, Tuple[int, ...], int, int]] = {}
+        self._header_len = 0
         self._lock = threading.Lock()
+
+    def tensors(self) -> List[Tuple[str, str, Tuple[int, ...], int, int]]:
+        """``(name, dtype code, shape, file offset, bytes)`` of every tensor, in the order of the data."""
+        self._open()
+        return sorted(((n, c, s, o, b) for n, (c, s, o, b) in self._offsets.items()), key=lambda t: (t[3], t[0]))
+
+    def header_bytes(self) -> bytes:
+        """The file's first ``8 + n`` bytes: the header's length and the header, verbatim."""
+        fd = self._open()
+        return os.pread(fd, 8 + self._header_len, 0)
+
+    def size(self) -> int:
+        """The file's size in bytes."""
+        return os.fstat(self._open()).st_size
+
+    def copy_range(self, dst: Any, offset: int, nbytes: int, chunk: int = 1 << 24) -> None:
+        """Write ``nbytes`` bytes of the file from ``offset`` on to the binary stream ``dst``, in chunks."""
+        fd, done = self._open(), 0
+        while done < nbytes:
+            data = os.pread(fd, min(chunk, nbytes - done), offset + done)
+            if not data:
+                raise CheckpointError(f"{self.path}: the file ended while it was being copied (truncated?)")
+            dst.write(data)
+            done += len(data)
 
     def _open(self) -> int:
         with self._lock:
@@ -294,6 +319,7 @@ class _File:
                 if not 0 < n <= min(size - 8, 100 * 1024 * 1024):
                     raise CheckpointError(f"{self.path}: not a valid safetensors file (header size {n})")
                 header = json.loads(os.pread(fd, n, 8))
+                self._header_len = n
                 start = 8 + n
                 for name, info in header.items():
                     if name == "__metadata__":
@@ -344,7 +370,7 @@ class _File:
         self.close()
 
 
-def _loader(file: "_File", name: str) -> Callable[[], torch.Tensor]:
+def _loader(file: "SafetensorsFile", name: str) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         return file.read(name)  # the file's one descriptor (see the module docstring)
 
@@ -368,7 +394,7 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
     refs: List[TensorRef] = []
     where: Dict[str, Path] = {}
     for path in files:
-        handle = _File(path)
+        handle = SafetensorsFile(path)
         with _safe_open(path) as f:
             for name in f.keys():
                 if name in where:

@@ -208,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output format")
     ex.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     ex.set_defaults(func=_cmd_export)
+
+    ad = sub.add_parser(
+        "apply-delta", parents=[common],
+        help="blend a saved delta into a checkpoint: W0 + alpha (W1 - W0)",
+        description="Write BASE_DIR with the delta of DELTA_DIR (opt.save_delta) blended in, W = W0 + alpha (W1 - W0), "
+                    "as a new safetensors checkpoint folder that from_pretrained loads (config and tokenizer files "
+                    "copied). The delta's base digests are checked first: a checkpoint that is not the delta's base is "
+                    "refused. One tensor is in memory at a time; OUT_DIR must not exist.")
+    ad.add_argument("base", metavar="BASE_DIR", help="the base model's checkpoint folder (safetensors)")
+    ad.add_argument("delta", metavar="DELTA_DIR", help="a delta folder written by KappaTuneOptimizer.save_delta")
+    ad.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the new checkpoint folder (must not exist)")
+    ad.add_argument("--alpha", type=_float, default=1.0, metavar="A",
+                    help="the blend: 1 = the fine-tuned model (default), 0 = the base, between = interpolation")
+    ad.set_defaults(func=_cmd_apply_delta)
     return parser
 
 
@@ -512,6 +526,18 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         plt.close(fig)
     write_output(args.output, buf.getvalue())
     print(f"wrote {args.output} ({len(table)} tensors, {len(names)} selected)")
+    return 0
+
+
+def _cmd_apply_delta(args: argparse.Namespace) -> int:
+    from .delta import DeltaError, apply_delta_to_checkpoint
+
+    try:
+        res = apply_delta_to_checkpoint(args.base, args.delta, args.output, alpha=args.alpha)
+    except DeltaError as e:
+        raise CLIError(str(e)) from None
+    print(f"kappatune: wrote {res['out']}: {res['tensors']} tensor(s) blended at alpha={args.alpha:g}, "
+          f"{res['copied']} copied, {len(res['files'])} file(s), {res['bytes'] / 1e6:.1f} MB")
     return 0
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "sharding_kind",
     "check_wrapped_model",
     "check_ddp_selection",
+    "unwrap_model",
     "SCAN_BEFORE_WRAP",
 ]
 
@@ -152,6 +153,21 @@ def check_same_selection(names: Iterable[str], *, group: Any = None, ordered: bo
         "table= or names= passed by hand must have the same content on every rank (not come from each "
         "rank's own cache file)."
     )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
+
+    Parameter names of a :class:`KappaTuneOptimizer` are those of the unwrapped module.
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+    return model
 
 
 def sharding_kind(model: nn.Module) -> Optional[str]:

@@ -31,24 +31,29 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
+import os
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .cache import KappaCache
-from .distributed import check_ddp_selection, check_same_selection, check_wrapped_model, sharding_kind
+from .delta import save_delta as _save_delta
+from .distributed import (check_ddp_selection, check_same_selection, check_wrapped_model, sharding_kind,
+                          unwrap_model)
 from .refs import clean_name
 from .resolve import named_parameters, resolve_selection
 from .scan import CacheArg
 from .selection import FreezeHandle, GroupBy, KappaEntry, KappaTable, Patterns, SelectionPolicy, freeze_all_but
 
-__all__ = ["KappaTuneOptimizer", "SelectiveFineTuningOptimizer", "unwrap_model", "STATE_KEY"]
+__all__ = ["KappaTuneOptimizer", "SelectiveFineTuningOptimizer", "unwrap_model", "STATE_KEY", "DECAY_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,21 +65,6 @@ _STATE_VERSION = 1
 _MISSING = object()
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
-
-    Parameter names of a :class:`KappaTuneOptimizer` are those of the unwrapped module.
-    """
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-    return model
 
 
 def _param_names_by_id(module: nn.Module) -> Dict[int, str]:
@@ -178,6 +168,83 @@ def _with_frozen_excluded(module: nn.Module, exclude: Patterns) -> List[str]:
     return [*given, *(f"^{re.escape(n)}$" for n in frozen)]
 
 
+#: The param-group key of the pull toward the pretrained weights (see ``decay_to_init``).
+DECAY_KEY = "decay_to_init"
+
+
+def _check_decay(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {what} value: {value!r}; it must be a finite number >= 0 (0 turns the pull "
+                         "toward the pretrained weights off)")
+
+
+def _resolve_keep_base(keep_base: Any, decay_to_init: float) -> bool:
+    if not isinstance(keep_base, bool):
+        raise TypeError(f"keep_base must be True or False, got {type(keep_base).__name__}")
+    if not keep_base and decay_to_init:
+        raise ValueError(f"decay_to_init={decay_to_init} pulls toward the pretrained values, which keep_base=False "
+                         "does not keep; pass keep_base=True (the default)")
+    return keep_base
+
+
+def _check_group_decay(value: Any, group: Mapping[str, Any], inner: torch.optim.Optimizer, keep_base: bool) -> None:
+    """A param group's ``decay_to_init``: a number >= 0, usable with this optimizer and ``keep_base``."""
+    _check_decay(value, f"param group {DECAY_KEY!r}")
+    if not value:
+        return
+    if not keep_base:
+        raise ValueError(f"{DECAY_KEY}={value} needs the pretrained values, which this optimizer does not keep "
+                         "(keep_base=False); build it with keep_base=True")
+    lr = group.get("lr")
+    if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+        raise ValueError(f"decay_to_init scales with the learning rate, and {type(inner).__name__}'s param group "
+                         f"has lr={lr!r} (e.g. Adafactor with relative_step=True); give the optimizer an explicit "
+                         "learning rate (Adafactor: relative_step=False, lr=...)")
+
+
+def _swap(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the values of two tensors of one shape and dtype, with one tensor of scratch memory."""
+    tmp = a.detach().clone()
+    a.copy_(b)
+    b.copy_(tmp)
+
+
+def _saved_base(rec: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The pretrained values a selection record carries (``"base"``), checked against ``params``."""
+    saved = rec.get("base")
+    if saved is None:
+        return {}
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"the {STATE_KEY!r} record's 'base' entry is a {type(saved).__name__}, not name -> tensor; "
+                         "the state dict was edited or corrupted")
+    out = {}
+    for n, t in saved.items():
+        p = params.get(n)
+        if p is None:
+            raise ValueError(f"the state dict keeps the pretrained value of {n!r}, which it does not train; it was "
+                             "edited or corrupted")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+            what = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"the state dict's pretrained value of {n!r} is {what}, the parameter has shape "
+                             f"{tuple(p.shape)}; load it into the model it was saved for")
+        out[n] = t.detach().to(device=p.device, dtype=p.dtype, copy=True)
+    return out
+
+
+def _after_first_call(closure: Callable[[], Any], then: Callable[[], None]) -> Callable[[], Any]:
+    """``closure`` that runs ``then()`` once, right after its first call (and before it returns)."""
+    pending = [True]
+
+    def wrapped() -> Any:
+        out = closure()
+        if pending[0]:
+            pending[0] = False
+            then()
+        return out
+
+    return wrapped
+
+
 def _warn_deprecated(old: str, new: str) -> None:
     warnings.warn(f"KappaTuneOptimizer: {old} is deprecated, use {new}", FutureWarning, stacklevel=3)
 
@@ -235,6 +302,23 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         skip_frozen: leave out of the candidates every tensor whose ``requires_grad`` is already
             ``False`` (default ``False``: a selected tensor is trained even if the model had it
             frozen, and a warning says how many were unfrozen that way).
+        decay_to_init (float, optional): :math:`\lambda \ge 0`, a pull of every trained tensor
+            toward its pretrained value :math:`p_0` (L2-SP, Li et al. 2018), applied at every
+            step and decoupled from the gradient as AdamW's weight decay is:
+            :math:`p \leftarrow p - \eta_t \lambda (p - p_0)`, with :math:`\eta_t` the group's
+            current learning rate (schedulers act on it), to each tensor that has a gradient,
+            before the inner update (after it when ``step`` gets a closure). A step that
+            ``GradScaler`` skips is not decayed. A per-group value goes in the param group under
+            ``"decay_to_init"``. The inner optimizer's ``weight_decay`` still pulls toward
+            **zero**, i.e. away from the pretrained weights: with both, the tensor is pulled
+            toward :math:`\lambda p_0 / (\lambda + \mathrm{wd})`; set ``weight_decay=0`` to pull
+            toward :math:`p_0` alone. ``0`` (the default) leaves every step bit for bit as
+            without it. Default: ``0.0``.
+        keep_base (bool, optional): keep :math:`p_0` of the trained tensors (their size again,
+            in their dtype, on their device; :attr:`base_nbytes`), which ``decay_to_init``,
+            :meth:`base_weights`, :meth:`save_delta` and :func:`kappatune.measure_forgetting`
+            need; it is also carried by :meth:`state_dict`. ``False`` saves that memory.
+            Default: ``True``.
         **optimizer_kwargs: passed to ``optimizer`` (``lr``, ``weight_decay``, …). Invalid
             values fail here, with the inner optimizer's own message.
 
@@ -258,7 +342,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
     """
 
     _PICKLED = ("inner", "model", "_module", "_table", "_selected", "_kappa", "_freeze", "_zero_grad_arg",
-                "_initialized")
+                "_initialized", "_keep_base", "_in_base", "_base")
 
     def __init__(
         self,
@@ -282,11 +366,15 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         progress: Optional[bool] = None,
         policy: Optional[SelectionPolicy] = None,
         skip_frozen: bool = False,
+        decay_to_init: float = 0.0,
+        keep_base: bool = True,
         **optimizer_kwargs: Any,
     ) -> None:
         self._initialized = False
         _check_model(model)
         _check_factory(optimizer)
+        _check_decay(decay_to_init, "decay_to_init")
+        keep_base = _resolve_keep_base(keep_base, decay_to_init)
         if "cache_dir" in optimizer_kwargs:  # the old spelling, not an optimizer argument
             _warn_deprecated("cache_dir=", "cache=")
             cache = optimizer_kwargs.pop("cache_dir")
@@ -310,6 +398,9 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         freeze = _freeze_all_but(module, params)
         try:
             inner = _build_inner(optimizer, params, optimizer_kwargs)
+            inner.defaults.setdefault(DECAY_KEY, float(decay_to_init))
+            for g in inner.param_groups:
+                _check_group_decay(g.setdefault(DECAY_KEY, float(decay_to_init)), g, inner, keep_base)
         except BaseException:
             freeze.restore()
             raise
@@ -326,6 +417,12 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         self._selected: List[str] = [names_by_id[id(p)] for g in inner.param_groups for p in g["params"]]
         self._kappa: Dict[str, float] = {n: float(sel.kappas.get(n, math.nan)) for n in self._selected}
         self._zero_grad_arg = "set_to_none" in inspect.signature(inner.zero_grad).parameters
+        self._keep_base = keep_base
+        self._in_base = False
+        # p₀: the selected tensors' values now, in their dtype and on their device (see base_weights).
+        self._base: Dict[str, torch.Tensor] = (
+            {n: p.detach().clone() for n, p in zip(self._selected, self._params_in_order())}
+            if self._keep_base else {})
         # torch's own initialisation (hooks, step patching, profiling names); see the class docstring.
         torch.optim.Optimizer.__init__(self, params, inner.defaults)
         self._initialized = True
@@ -383,6 +480,122 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         _warn_deprecated("opt.kappas", "opt.table")
         return self._table
 
+    def _params_in_order(self) -> List[torch.Tensor]:
+        """The trained tensors, in the order of :attr:`selected`."""
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    @property
+    def base_nbytes(self) -> int:
+        """Bytes held for the pretrained values ``p₀`` of the trained tensors (0 with ``keep_base=False``).
+
+        Exactly the trained tensors' own size: ``Σ_selected numel · element size`` (the local shards
+        under FSDP).
+        """
+        return sum(t.numel() * t.element_size() for t in self._base.values())
+
+    def _refuse_in_base(self, what: str) -> None:
+        if self._in_base:
+            raise RuntimeError(f"{what} cannot run inside opt.base_weights(): the model holds the pretrained values "
+                               "there (and the kept values the trained ones); leave the block first")
+
+    def _require_base(self, what: str) -> None:
+        if not self._keep_base:
+            raise RuntimeError(f"{what} needs the pretrained values of the trained tensors, which this optimizer "
+                               "does not keep (it was built with keep_base=False); build it with keep_base=True")
+        self._refuse_in_base(what)
+
+    def _bases(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(parameter, p₀)`` of every trained tensor; p₀ follows a later ``model.to(dtype/device)``.
+
+        A model converted after this optimizer was built (``model.double()``, ``model.cuda()``) has
+        its p₀ converted the same way here, once, so that a swap or a pull never mixes dtypes.
+        """
+        out = []
+        for n, p in zip(self._selected, self._params_in_order()):
+            b = self._base[n]
+            if b.dtype != p.dtype or b.device != p.device:
+                b = self._base[n] = b.to(device=p.device, dtype=p.dtype)
+            out.append((p, b))
+        return out
+
+    @contextlib.contextmanager
+    def base_weights(self) -> Iterator[nn.Module]:
+        r"""The model with its pretrained weights, for the duration of a ``with`` block.
+
+        Inside the block every trained tensor holds its value ``p₀`` from when this optimizer was
+        built (or when it was added with :meth:`add_param_group`, or the value restored by
+        :meth:`load_state_dict`), and every other tensor was never changed, so the model **is** the
+        pretrained model bit for bit, without a second copy of it: the values are swapped in place,
+        one tensor at a time (the only extra memory is one tensor). On exit, also on an exception,
+        the trained values are swapped back bit for bit.
+
+        Gradients, the optimizer state and the training step are untouched; :meth:`step` inside the
+        block raises :class:`RuntimeError`. The swap is an in-place write, so an autograd graph
+        built before the block and used for ``backward()`` after it is refused by autograd (run the
+        block between steps, not between a forward and its backward).
+
+        Yields:
+            nn.Module: the model given to the optimizer.
+
+        Raises:
+            RuntimeError: with ``keep_base=False``; when already inside such a block; on an
+                FSDP-sharded model (each rank holds only a shard of the weights, so the swap would
+                have to be a collective: call it on the model before wrapping instead).
+
+        Example::
+
+            >>> with opt.base_weights():
+            ...     base_loss = model(**batch).loss      # the pretrained model
+            >>> tuned_loss = model(**batch).loss         # the fine-tuned one again
+        """
+        self._require_base("base_weights()")
+        if sharding_kind(self.model) is not None:
+            raise RuntimeError("base_weights() does not serve an FSDP-sharded model: each rank holds only shards of "
+                               "the weights, so the pretrained model cannot be swapped in exactly by one rank; "
+                               "measure forgetting on an unsharded copy (or with DDP)")
+        pairs = self._bases()
+        self._in_base = True
+        done = 0
+        try:
+            with torch.no_grad():
+                for p, b in pairs:
+                    _swap(p, b)
+                    done += 1
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, b in pairs[:done]:
+                    _swap(p, b)
+            self._in_base = False
+
+    def save_delta(self, path: Union[str, "os.PathLike[str]"], *, overwrite: bool = False) -> Path:
+        """Write what training changed as a delta folder; :func:`kappatune.apply_delta` blends it back.
+
+        See :func:`kappatune.delta.save_delta` for the folder's contents. The folder holds the
+        trained tensors' current values, so ``apply_delta(base_model, path, alpha=1.0)`` gives this
+        model bit for bit, and the digest of each tensor's pretrained value, so that the delta is
+        never applied to another base.
+
+        Args:
+            path (str or PathLike): the folder to create (it must not exist, or be empty).
+            overwrite (bool, optional): replace the delta files of an existing delta folder.
+                Default: ``False``.
+
+        Returns:
+            Path: the folder written.
+        """
+        self._require_base("save_delta()")
+        if sharding_kind(self.model) is not None:
+            raise RuntimeError("save_delta() needs whole tensors and the model is FSDP-sharded; gather them first "
+                               "(e.g. FSDP's state_dict with full_state_dict=True) or save the delta on rank 0 of an "
+                               "unsharded model")
+        self._bases()
+        tuned = dict(zip(self._selected, self._params_in_order()))
+        rows = {n: self._table[n] for n in self._selected if n in self._table}
+        return _save_delta(path, tuned=tuned, base=self._base, entries=rows, model=self._module, overwrite=overwrite,
+                          extra={"optimizer": type(self.inner).__name__,
+                                 "decay_to_init": [g.get(DECAY_KEY, 0.0) for g in self.inner.param_groups]})
+
     def _counts(self) -> Tuple[int, int, int, int]:
         total_numel, total_tensors = 0, 0
         for p in self._module.parameters():
@@ -400,8 +613,10 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         if len(self._table) > n_sel:
             about.insert(0, f"{len(self._table)} in the κ table")
         about_s = f" ({', '.join(about)})" if about else ""
+        base = (f"; pretrained values kept: {_fmt_count(self.base_nbytes)}B" if self._keep_base
+                else "; pretrained values not kept")
         return (f"KappaTuneOptimizer({type(self.inner).__name__}): training {n_sel} of {n_all} tensors{about_s}, "
-                f"{trained:,} of {total:,} parameters ({frac:.2f}%); all others frozen")
+                f"{trained:,} of {total:,} parameters ({frac:.2f}%); all others frozen{base}")
 
     def __repr__(self) -> str:
         trained, total, n_sel, n_all = self._counts()
@@ -418,6 +633,9 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         ``torch.amp.GradScaler`` with an optimizer that unscales itself (``fused=True``), the
         ``grad_scale``/``found_inf`` the scaler sets here are handed to the inner optimizer.
         """
+        if self._in_base:
+            raise RuntimeError("step() inside opt.base_weights(): the model holds the pretrained values there and "
+                               "the update would be lost on exit; step outside the block")
         args: Tuple[Any, ...] = (self,) if closure is None else (self, closure)
         for hook in list(self._optimizer_step_pre_hooks.values()):
             res = hook(self, args, kwargs)
@@ -427,6 +645,12 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
                 args, kwargs = res
         inner = self.inner
         handed = {a: self.__dict__[a] for a in ("grad_scale", "found_inf") if a in self.__dict__}
+        decay = self._keep_base and any(g.get(DECAY_KEY, 0.0) for g in inner.param_groups) and not (
+            "found_inf" in handed and bool(handed["found_inf"]))  # GradScaler skips this step
+        if decay and len(args) == 1:
+            self._decay_toward_base()
+        elif decay:  # the gradients exist once the closure ran: pull right after its first call, as without one
+            args = (self, _after_first_call(args[1], self._decay_toward_base))
         previous = {a: inner.__dict__.get(a, _MISSING) for a in handed}
         for a, v in handed.items():
             setattr(inner, a, v)
@@ -441,6 +665,20 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, args, kwargs)
         return out
+
+    @torch.no_grad()
+    def _decay_toward_base(self) -> None:
+        """``p ← p − lr · λ · (p − p₀)`` for each trained tensor that has a gradient (``lerp`` toward p₀)."""
+        pairs = iter(self._bases())
+        for g in self.inner.param_groups:
+            group = [next(pairs) for _ in g["params"]]
+            lam = g.get(DECAY_KEY, 0.0)
+            w = float(g["lr"]) * float(lam) if lam else 0.0
+            if w == 0.0:
+                continue
+            for p, b in group:
+                if p.grad is not None:
+                    p.lerp_(b, w)
 
     # Never let torch.optim.Optimizer._patch_step_function wrap this step: the hooks are fired above,
     # and the global hooks fire in the inner step (once, not twice).
@@ -497,9 +735,15 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
                                  "trains by parameter name")
             _refuse_untrainable(n, p)
             names.append(n)
+        self._refuse_in_base("add_param_group()")
+        group = {**self.inner.defaults, **param_group}
+        _check_group_decay(group.get(DECAY_KEY, 0.0), group, self.inner, self._keep_base)
         self.inner.add_param_group({**param_group, "params": params})
         for p in params:
             p.requires_grad_(True)
+        if self._keep_base:
+            for n, p in zip(names, params):
+                self._base[n] = p.detach().clone()
         self._selected.extend(names)
         for n in names:
             self._kappa[n] = self._table[n].kappa if n in self._table else math.nan
@@ -523,8 +767,12 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         """The inner optimizer's state dict plus the selection under ``"kappatune"``.
 
         The selection record holds, per param group, the parameter names in order, their shapes
-        and κ (only plain Python types, so ``torch.load(..., weights_only=True)`` reads it).
+        and κ, and (with ``keep_base=True``) under ``"base"`` the pretrained value ``p₀`` of each
+        trained tensor, so that ``decay_to_init`` and :meth:`base_weights` resume exactly: plain
+        Python types and tensors, which ``torch.load(..., weights_only=True)`` reads. ``p₀`` adds
+        the trained tensors' size once more to the file (AdamW's state is twice that size).
         """
+        self._refuse_in_base("state_dict()")
         for hook in list(self._optimizer_state_dict_pre_hooks.values()):
             hook(self)
         groups = self._group_names()
@@ -539,6 +787,8 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
             "kappas": {n: float(self._kappa.get(n, math.nan)) for n in flat},
             "model": type(self._module).__name__,
         }
+        if self._keep_base:  # p₀, so that decay_to_init and base_weights() resume exactly
+            sd[STATE_KEY]["base"] = {n: b for n, (_, b) in zip(self._selected, self._bases())}
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             res = hook(self, sd)
             if res is not None:
@@ -551,8 +801,12 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         If the saved selection differs from the current one (e.g. κ changed because the model
         was loaded from a fine-tuned checkpoint, or the cache is gone), the saved one wins: the
         model is re-frozen so that exactly the saved tensors train. A selection naming tensors
-        the model lacks, or with other shapes, is refused with :class:`ValueError`.
+        the model lacks, or with other shapes, is refused with :class:`ValueError`; so is a plain
+        ``torch.optim`` state dict (no selection record) whose param groups or state tensors do
+        not fit the selected tensors. The pretrained values ``p₀`` the state dict carries replace
+        the ones kept since construction.
         """
+        self._refuse_in_base("load_state_dict()")
         sd: Mapping[str, Any] = state_dict
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             res = hook(self, sd)
@@ -599,6 +853,13 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         """Switch to the saved selection and load the inner state; all or nothing."""
         groups = _validate_record(self._module, len(self.inner.param_groups), rec, sd)
         by_name = named_parameters(self._module)
+        saved_base = _saved_base(rec, {n: by_name[n] for row in groups for n in row})
+        if not self._keep_base:
+            decaying = [g.get(DECAY_KEY) for g in sd["param_groups"] if g.get(DECAY_KEY)]
+            if decaying:
+                raise ValueError(f"this state dict trains with {DECAY_KEY}={decaying[0]}, which needs the pretrained "
+                                 "values, and this optimizer was built with keep_base=False; build it with "
+                                 "keep_base=True to resume it")
         new_params = [[by_name[n] for n in row] for row in groups]
         flat_params = [p for row in new_params for p in row]
         inner = self.inner
@@ -630,6 +891,17 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         if new_freeze is not None:
             self._freeze = new_freeze
         self._selected = [n for row in groups for n in row]
+        for g in inner.param_groups:  # a state dict saved before decay_to_init existed
+            g.setdefault(DECAY_KEY, inner.defaults.get(DECAY_KEY, 0.0))
+        if self._keep_base:
+            fresh = [n for n in self._selected if n not in saved_base and n not in self._base]
+            self._base = {n: saved_base[n] if n in saved_base else self._base[n] if n in self._base
+                          else by_name[n].detach().clone() for n in self._selected}
+            if fresh or (len(saved_base) < len(self._selected) and any(g[DECAY_KEY] for g in inner.param_groups)):
+                logger.warning("load_state_dict: the state dict keeps no pretrained value for %d trained tensor(s) "
+                               "(e.g. %r); decay_to_init and base_weights() use their values before this load",
+                               len(self._selected) - len(saved_base),
+                               next(n for n in self._selected if n not in saved_base))
         saved_k = rec.get("kappas") or {}
         self._kappa = {n: float(saved_k.get(n, math.nan)) for n in self._selected}
 
@@ -667,6 +939,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> Dict[str, Any]:  # type: ignore[override]
         # Like torch.optim.Optimizer: hooks (and per-instance patches such as an LR scheduler's
         # step wrapper) are not pickled.
+        self._refuse_in_base("pickling or copying the optimizer")
         return {k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:  # type: ignore[override]

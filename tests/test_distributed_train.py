@@ -37,6 +37,7 @@ VOCAB = 64
 N_SEL = 3
 SEED = 0
 OPT_KW = dict(lr=1e-2, weight_decay=0.1)
+DECAY = 20.0  # decay_to_init: lr · λ = 0.2 per step
 
 
 class _Block(nn.Module):
@@ -123,6 +124,15 @@ def _ddp_part(rank, cache_dir, res):
     _train(ddp, opt, rank)
     res["freeze_wrap_names"] = {"names": names, "selected": opt.selected, "weights": _snapshot(model)}
 
+    # B': B with the pull toward the pretrained weights (decay_to_init): the same on every rank.
+    model = TinyLM()
+    kappatune.freeze_all_but(model, names)
+    ddp = DDP(model)
+    opt = kappatune.KappaTuneOptimizer(ddp, torch.optim.AdamW, names=names, table=table, cache=None,
+                                       progress=False, decay_to_init=DECAY, **OPT_KW)
+    _train(ddp, opt, rank)
+    res["ddp_decay"] = {"names": names, "selected": opt.selected, "weights": _snapshot(model)}
+
     # C: DDP built first on a fully trainable model (default DDP settings): refused before any freeze.
     model = TinyLM()
     ddp = DDP(model)
@@ -199,6 +209,17 @@ def _fsdp_part(rank, cache_dir, res):
     res["fsdp1_scan_opt"] = _attempt(lambda: kappatune.KappaTuneOptimizer(
         fsdp, torch.optim.AdamW, num_tensors=N_SEL, cache=None, progress=False, **OPT_KW))[1]
 
+    # FSDP1 with decay_to_init: the pull acts on each rank's local shards.
+    model = TinyLM()
+    kappatune.freeze_all_but(model, names)
+    fsdp = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = kappatune.KappaTuneOptimizer(fsdp, torch.optim.AdamW, names=names, table=table, cache=None,
+                                       progress=False, decay_to_init=DECAY, **OPT_KW)
+    _train(fsdp, opt, rank)
+    with FSDP.summon_full_params(fsdp, writeback=False):
+        res["fsdp1_decay"] = {"names": names, "selected": opt.selected, "weights": _snapshot(fsdp)}
+    res["fsdp1_base_weights"] = _attempt(lambda: opt.base_weights().__enter__())[1]
+
     # FSDP1, use_orig_params=False: flat parameters, no per-tensor selection possible.
     flat = FSDP(TinyLM(), use_orig_params=False, device_id=torch.device("cpu"))
     res["flat_check"] = _attempt(lambda: check_wrapped_model(flat, scanning=False))[1]
@@ -222,6 +243,16 @@ def _fsdp_part(rank, cache_dir, res):
     if opt is not None:
         _train(model, opt, rank)
         res["fsdp2"] = {"names": names, "selected": opt.selected, "weights": _snapshot(model)}
+    # FSDP2 with decay_to_init: on the DTensor shards.
+    model = TinyLM()
+    kappatune.freeze_all_but(model, names)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, names=names, table=table, cache=None,
+                                       progress=False, decay_to_init=DECAY, **OPT_KW)
+    _train(model, opt, rank)
+    res["fsdp2_decay"] = {"names": names, "selected": opt.selected, "weights": _snapshot(model)}
     # Without the check in the optimizer, scanning DTensor shards blocks in a collective until the
     # group's timeout; do not wait for that when the optimizer does not call the check at all.
     import inspect
@@ -327,6 +358,25 @@ def test_optimizer_refuses_a_ddp_model_wrapped_before_freezing(ddp_runs):
     for res in ddp_runs:
         assert res["wrap_first_opt"] and "Expected to have finished reduction" in res["wrap_first_opt"]
         assert res["wrap_first_still_trainable"]                           # refused before any freeze
+
+
+def _distance(weights, initial, names):
+    return sum(float((weights[n] - initial[n]).norm() ** 2) for n in names) ** 0.5
+
+
+@pytest.mark.parametrize("key, plain", [("ddp_decay", "freeze_wrap_names"), ("fsdp1_decay", "fsdp1"),
+                                        ("fsdp2_decay", "fsdp2")])
+def test_decay_to_init_keeps_ranks_identical_and_pulls_toward_the_base(runs, initial, key, plain):
+    for r, res in enumerate(runs):
+        assert res.get(f"crash_{'ddp' if key.startswith('ddp') else 'fsdp'}_part") is None, res
+    _assert_trained_only_selection(runs, key, initial)                # ranks bit-identical, frozen untouched
+    names = runs[0][key]["selected"]
+    assert _distance(runs[0][key]["weights"], initial, names) < _distance(runs[0][plain]["weights"], initial, names)
+
+
+def test_base_weights_is_refused_on_a_sharded_model(fsdp_runs):
+    for res in fsdp_runs:
+        assert res["fsdp1_base_weights"] and "FSDP-sharded" in res["fsdp1_base_weights"]
 
 
 def test_selection_mismatch_raises_on_every_rank(ddp_runs):
