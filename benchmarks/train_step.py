@@ -217,6 +217,23 @@ def measure_time(configs: List[Dict[str, Any]], table, args) -> Dict[str, Dict[s
     return out
 
 
+def base_memory(cfg: Dict[str, Any]) -> float:
+    """MB of resident memory that building ``kappa 10%``'s optimizer adds, with ``cfg["keep_base"]`` (fresh process)."""
+    import kappatune
+
+    torch.set_num_threads(cfg["threads"])
+    model = build_model(cfg["layers"])
+    table = kappatune.KappaTable.from_dict(cfg["table"])
+    gc.collect()
+    rss0 = _status_kb("VmRSS") or 0
+    opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, table=table, top_fraction=0.10, progress=False,
+                                       **_no_cache(), lr=LR, weight_decay=WD, keep_base=cfg["keep_base"])
+    gc.collect()
+    extra = ((_status_kb("VmRSS") or 0) - rss0) / 1024
+    del opt
+    return extra
+
+
 def monitor_cost(model, opt, x: torch.Tensor, batches: int = 2) -> Dict[str, float]:
     """Forward passes and seconds of one ``measure_forgetting`` call, against plain forwards of the same batches."""
     import kappatune
@@ -242,10 +259,11 @@ def monitor_cost(model, opt, x: torch.Tensor, batches: int = 2) -> Dict[str, flo
 def apply_delta_cost(threads: int) -> Optional[Dict[str, Any]]:
     """``kappatune apply-delta`` on the bundled SmolLM2-135M checkpoint: seconds and peak memory of the command.
 
-    The checkpoint is the GGUF dequantized to float32 and saved with ``save_pretrained``; the delta
-    is kappatune's default selection (``top_fraction=0.1``) after one AdamW step. Call it in a fresh
-    process: the command's peak resident memory is read as that process's ``RUSAGE_CHILDREN``
-    ``ru_maxrss``, the only child it waits for. ``None`` when the bundled model is not installed.
+    The checkpoint is the GGUF dequantized to float32 and saved by ``examples/save_checkpoint.py``; the delta
+    is kappatune's default selection (``top_fraction=0.1``) after one AdamW step. The command runs in a
+    process of its own that reports its own time and peak resident memory (Linux ``VmHWM``, reset when
+    it starts), beside the peak of a process that only imports kappatune's CLI and torch. ``None`` when the bundled model is
+    not installed.
     """
     import importlib.util
     import subprocess
@@ -260,7 +278,10 @@ def apply_delta_cost(threads: int) -> Optional[Dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                      dtype=torch.float32)
-        model.save_pretrained(f"{tmp}/base")
+        sys.path.insert(0, str(ROOT / "examples"))
+        from save_checkpoint import save_checkpoint  # GGUF-loaded models refuse save_pretrained
+
+        save_checkpoint(model, f"{tmp}/base")
         opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, top_fraction=0.1, max_dim=MAX_DIM,
                                           progress=False, **_no_cache(), lr=1e-4)
         x = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -271,13 +292,21 @@ def apply_delta_cost(threads: int) -> Optional[Dict[str, Any]]:
         delta = sum(f.stat().st_size for f in Path(f"{tmp}/delta").iterdir())
         del model, opt
         gc.collect()
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "kappatune", "apply-delta", f"{tmp}/base", f"{tmp}/delta", "-o",
-                        f"{tmp}/out", "--alpha", "0.5"], check=True, capture_output=True,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
-        seconds = time.perf_counter() - t0
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "checkpoint_mb": ckpt / 1e6, "delta_mb": delta / 1e6}
+        # the command in a process of its own, which reports its own peak resident memory when it ends
+        # (VmHWM after a reset: ru_maxrss would carry the parent's peak over the fork)
+        peak = ("open('/proc/self/clear_refs', 'w').write('5'); ", "[int(l.split()[1]) for l in "
+                "open('/proc/self/status') if l.startswith('VmHWM:')][0]")
+        code = (f"import sys, time; {peak[0]}t0 = time.perf_counter(); from kappatune.cli import main; "
+                f"rc = main(['apply-delta', {tmp + '/base'!r}, {tmp + '/delta'!r}, '-o', {tmp + '/out'!r}, "
+                f"'--alpha', '0.5']); print(time.perf_counter() - t0, {peak[1]}); sys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads)})
+        seconds, peak_kb = (float(v) for v in proc.stdout.split()[-2:])
+        idle = subprocess.run([sys.executable, "-c", f"{peak[0]}import kappatune.cli, kappatune.delta, torch; "
+                               f"print({peak[1]})"],
+                              check=True, capture_output=True, text=True)
+        idle_kb = float(idle.stdout.split()[-1])
+    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "import_rss_mb": idle_kb / 1024, "checkpoint_mb": ckpt / 1e6, "delta_mb": delta / 1e6}
 
 
 def wrapper_fixed_cost(calls: int = 5000) -> Dict[str, float]:
@@ -354,6 +383,11 @@ def main() -> None:
                   f"{mem['opt_state_bytes'] / 2**20:.1f} MB", flush=True)
 
     if not args.skip_memory:
+        print("p₀ memory: building kappa 10% with keep_base=True and False (a fresh process each):", flush=True)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            results["base_memory_mb"] = {
+                str(kb): pool.submit(base_memory, dict(base, keep_base=kb, table=table.to_dict())).result()
+                for kb in (True, False)}
         print("apply-delta on the bundled SmolLM2-135M checkpoint (fresh process):", flush=True)
         with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             ad = pool.submit(apply_delta_cost, args.threads).result()
@@ -397,8 +431,13 @@ def main() -> None:
                  f"(same tensors, interleaved): {100 * (kd['step_s'] / k10['step_s'] - 1):+.2f}% (ratio of medians), "
                  f"{100 * (paired_d - 1):+.2f}% (median of per-round ratios); `opt.step()` alone "
                  f"{kd['opt_step_s'] * 1e3:.2f} ms vs {k10['opt_step_s'] * 1e3:.2f} ms")
+    bm = results.get("base_memory_mb")
+    measured = (f"; measured: building the kappa 10% optimizer takes {bm['True']:.1f} MB of resident memory with "
+                f"keep_base=True and {bm['False']:.1f} MB with keep_base=False, {bm['True'] - bm['False']:.1f} MB "
+                "apart") if bm else ""
     lines.append(f"- pretrained values p₀ kept for the trained tensors: {kd['base_nbytes']:,} bytes = the trained "
-                 f"tensors' own bytes ({kd['params_trained']:,} float32 parameters × 4 = {4 * kd['params_trained']:,})")
+                 f"tensors' own bytes ({kd['params_trained']:,} float32 parameters × 4 = {4 * kd['params_trained']:,})"
+                 f"{measured}")
     mon = results["monitor"]
     lines.append(f"- one `measure_forgetting` evaluation on {mon['batches']} control + {mon['batches']} task batches: "
                  f"{mon['forwards']} forward passes ({mon['forwards'] / (2 * mon['batches']):.0f} per batch), "
@@ -409,7 +448,8 @@ def main() -> None:
         lines.append(f"- `kappatune apply-delta` on SmolLM2-135M (float32 safetensors checkpoint {ad['checkpoint_mb']:.0f} MB, "
                      f"delta of the default 10% selection {ad['delta_mb']:.1f} MB = "
                      f"{100 * ad['delta_mb'] / ad['checkpoint_mb']:.1f}% of it), α = 0.5: {ad['seconds']:.1f} s, peak "
-                     f"resident memory of the command {ad['peak_rss_mb']:.0f} MB (one tensor in memory at a time)")
+                     f"resident memory of the command {ad['peak_rss_mb']:.0f} MB, of which {ad['import_rss_mb']:.0f} MB "
+                     "is importing torch and kappatune (one tensor in memory at a time)")
     fc = results["fixed_cost"]
     fixed = fc["wrapper_s"] - fc["inner_s"]
     lines.append(f"- the wrapper's fixed cost per step (one-element SGD, wrapper vs inner, 5000 alternated calls): "
