@@ -409,6 +409,27 @@ def test_missing_packages_are_named_with_the_pip_commands(inputs, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+def test_a_new_folder_may_hold_its_own_study_file_and_preregistration(inputs, tmp_path, capsys):
+    def prepared(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "PREREGISTRATION.md").write_text("rules, written before the first run\n")
+        f = d / "my_study.json"
+        rc, _, err = _run(_args(inputs, tmp_path / f"unused_{name}", "--dry-run", "--save-study", str(f),
+                                "--preregistration", str(d / "PREREGISTRATION.md")), capsys)
+        assert rc == 0 and f.exists(), err
+        return d, f
+
+    d, f = prepared("prereg")
+    run = ["--no-kappa-cache", "--no-progress", "--threads", "1", "--max-runs", "1", "--no-plot"]
+    rc, _, err = _run(["study", "--study", str(f), "--out", str(d), *run], capsys)
+    assert rc == 0 and len(list((d / "runs").glob("*.json"))) == 1, err
+    d2, f2 = prepared("prereg_and_notes")
+    (d2 / "notes.txt").write_text("not the study's")
+    err = _bad(tmp_path, capsys, ["study", "--study", str(f2), "--out", str(d2), *run])
+    assert "holds other files (notes.txt)" in err and not (d2 / "runs").exists()
+
+
 def test_study_file_round_trip_and_dry_run(inputs, tmp_path, capsys, study):
     f = tmp_path / "study.json"
     rc, log, _ = _run(["study", "--quick", "--dry-run", "--save-study", str(f)], capsys)

@@ -412,8 +412,8 @@ def _dry_run(cfg: StudyConfig, args: argparse.Namespace, out: Callable[[str], No
     return 0
 
 
-def folder_study(folder: Any, cfg: StudyConfig, fingerprints: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]],
-                                                                                      StudyConfig]:
+def folder_study(folder: Any, cfg: StudyConfig, fingerprints: Dict[str, Any], own: Sequence[Any] = ()
+                 ) -> Tuple[Optional[Dict[str, Any]], StudyConfig]:
     """Check this command against the results folder (nothing is written) → ``(manifest, the study to
     use)``: the folder's own study when it holds one (its analysis rules win once amended by hand),
     else ``cfg``.
@@ -425,7 +425,8 @@ def folder_study(folder: Any, cfg: StudyConfig, fingerprints: Dict[str, Any]) ->
     from .config import differences
     from .folder import FolderError
 
-    man = folder.check(cfg.run_settings(), cfg.analysis_rules(), fingerprints, compare_analysis=False)
+    man = folder.check(cfg.run_settings(), cfg.analysis_rules(), fingerprints, compare_analysis=False,
+                       own=[*own, cfg.preregistration])
     if man is None:
         return None, cfg
     mine = StudyConfig.from_dict(man["study"], source=str(folder.study_file))
@@ -449,7 +450,7 @@ def _report(args: argparse.Namespace, out: Callable[[str], None], err: Callable[
         raise FolderError(f"--out {path}: holds no study ({path / 'study.json'} is missing); run the study first")
     cfg = StudyConfig.from_dict(man["study"], source=str(folder.study_file))
     if _given(args) or args.quick or args.study:
-        folder_study(folder, build_config(args), {})
+        folder_study(folder, build_config(args), {}, own=[args.study])
     problem = missing_requirements(cfg, report_only=True, plots=not args.no_plot)
     if problem:
         raise StudyConfigError(problem)
@@ -521,7 +522,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str
     mfp = model_fingerprint(cfg.model)
     cfps = {r: c.fingerprint() for r, c in corpora.items()}
     folder = ResultsFolder(outdir, stale_after=args.stale_after)
-    man, cfg = folder_study(folder, cfg, {"model": mfp, "corpora": cfps})
+    man, cfg = folder_study(folder, cfg, {"model": mfp, "corpora": cfps}, own=[args.study])
     n_runs = sum(len(a.grid()) for a in cfg.arms) * len(cfg.seeds)
     out(f"kappatune study: {len(cfg.arms)} arm(s) × {len(cfg.seeds)} seed(s), {n_runs} runs of {cfg.steps} steps; "
         f"results in {outdir}" + ("" if man is None else " (resuming)"))
@@ -539,7 +540,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str
     data = build_data(tok, corpora, cfg, log=lambda m: None)
     wfp = data.fingerprint()
     if man is not None:
-        folder_study(folder, cfg, {"model": mfp, "corpora": cfps, "windows": wfp})
+        folder_study(folder, cfg, {"model": mfp, "corpora": cfps, "windows": wfp}, own=[args.study])
     cache: Any = False
     if not args.no_kappa_cache:
         from ..cache import KappaCache, default_cache_dir
@@ -557,7 +558,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str
             "corpora_info": {r: {"docs": len(c.docs), "files": c.files[:5], "description": c.description}
                              for r, c in corpora.items()}})
         if not created:                                  # another worker wrote it a moment ago
-            man, cfg = folder_study(folder, cfg, fps)
+            man, cfg = folder_study(folder, cfg, fps, own=[args.study])
     out(f"{desc}; {len(table)} tensors in the κ table; ready in {time.perf_counter() - t0:.0f} s")
     run_fps = {"settings": cfg.settings_fingerprint(), "model": mfp, "data": wfp}
     state: Dict[str, Any] = {}

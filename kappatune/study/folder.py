@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 try:  # POSIX
     import fcntl
@@ -308,7 +308,7 @@ class ResultsFolder:
         return d
 
     def check(self, settings: Mapping[str, Any], analysis: Mapping[str, Any], fingerprints: Mapping[str, Any],
-              compare_analysis: bool = True) -> Optional[Dict[str, Any]]:
+              compare_analysis: bool = True, own: Sequence[Any] = ()) -> Optional[Dict[str, Any]]:
         """Compare this command with the folder's study; nothing is written.
 
         Args:
@@ -317,6 +317,9 @@ class ResultsFolder:
             fingerprints (mapping): ``model`` and ``corpora`` (``{role: fingerprint}``), and
                 ``windows`` when known; a key missing here is not compared.
             compare_analysis (bool, optional): refuse other analysis rules too. Default: ``True``.
+            own (sequence of path, optional): files of this study that may already be in a new folder
+                (its study file and its pre-registration, committed there before the first run).
+                Default: ``()``.
 
         Returns:
             dict or None: the folder's manifest, ``None`` for a new (or empty) folder.
@@ -328,8 +331,9 @@ class ResultsFolder:
         man = self.manifest()
         if man is None:
             if self.path.is_dir():
+                mine = {Path(f).resolve() for f in own if f}
                 other = sorted(p.name for p in self.path.iterdir() if not p.name.startswith(".") and
-                               p.name not in _OURS)
+                               p.name not in _OURS and p.resolve() not in mine)
                 if other:
                     raise FolderError(f"--out {self.path}: the folder holds other files ({', '.join(other[:3])}"
                                       f"{' …' if len(other) > 3 else ''}) and no study; give an empty or new folder")
