@@ -122,11 +122,38 @@ def _rewrite_links(text: str, md: Path, slug: str, files: Dict[str, Content], re
     return LINK.sub(sub, text), used
 
 
-def render_page(md: Path, results: Path = RESULTS) -> Tuple[str, str, Dict[str, Content], Optional[str]]:
-    """(slug, page text, extra files, command) for one ``results.md``."""
+def _fallback_title(slug: str) -> str:
+    return slug.replace("_", " ").replace("-", ": ")
+
+
+def page_titles(mds: List[Path], results: Path = RESULTS) -> Dict[Path, str]:
+    """The title of each page: its ``results.md`` heading, made unique.
+
+    Where several result files share a heading (the same benchmark run on two models into
+    ``results/<name>/<part>/``), each one in a subfolder gets its part appended, ``Title (part)``
+    (any left alike, their page name), so that the navigation and the index never list two pages
+    under one name.
+    """
+    titles = {md: _title_and_body(md.read_text(encoding="utf-8"), _fallback_title(slug_of(md, results)))[0]
+              for md in mds}
+    counts: Dict[str, int] = {}
+    for t in titles.values():
+        counts[t] = counts.get(t, 0) + 1
+    out = {}
+    for md, t in titles.items():
+        parts = md.relative_to(results).parts[:-1]
+        out[md] = f"{t} ({'/'.join(parts[1:]).replace('_', ' ')})" if counts[t] > 1 and len(parts) > 1 else t
+    taken = list(out.values())
+    return {md: f"{t} ({slug_of(md, results)})" if taken.count(t) > 1 else t for md, t in out.items()}
+
+
+def render_page(md: Path, results: Path = RESULTS,
+                title: Optional[str] = None) -> Tuple[str, str, Dict[str, Content], Optional[str]]:
+    """(slug, page text, extra files, command) for one ``results.md`` (``title`` replaces its heading)."""
     slug = slug_of(md, results)
     text = md.read_text(encoding="utf-8")
-    title, body = _title_and_body(text, slug.replace("_", " ").replace("-", ": "))
+    heading, body = _title_and_body(text, _fallback_title(slug))
+    title = title or heading
     files: Dict[str, Content] = {}
     body, used = _rewrite_links(body, md, slug, files, results)
     figures = [p for p in sorted(md.parent.iterdir())
@@ -157,8 +184,10 @@ def render_all(results: Path = RESULTS) -> Dict[str, Content]:
     """Every generated file of ``docs/benchmarks/``: relative path -> content."""
     out: Dict[str, Content] = {}
     rows = []
-    for md in find_results(results):
-        slug, page, files, cmd = render_page(md, results)
+    mds = find_results(results)
+    titles = page_titles(mds, results)
+    for md in mds:
+        slug, page, files, cmd = render_page(md, results, titles[md])
         out[f"{slug}.md"] = page
         out.update(files)
         title = page.splitlines()[1][2:]

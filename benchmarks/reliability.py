@@ -428,7 +428,7 @@ def _render_behaviour(b: dict, command: str) -> List[str]:
     lines = [f"| case | before (`{b['before']}`) | after |", "|---|---|---|"]
     lines += [f"| {case} | {cell(r['before'])} | {cell(r['after'])} |" for case, r in b["cases"].items()]
     return [
-        "## Behaviour (issue 24)", "",
+        "## Behaviour", "",
         f"Each case runs in a fresh process on the code of `{b['before']}` (before) and on this checkout (after); "
         "nothing is timed. Temporary paths are shown as `…`.", "", *lines, "",
         f"Command: `{command}`", ""]
@@ -517,7 +517,7 @@ def _render_timing(res: dict) -> List[str]:
     lines += [f"| {k} | {v:.2f} |" for k, v in dig.items()]
     m = res["machine"]
     return [
-        "## Speed (issue 13)", "",
+        "## Speed", "",
         f"Before: the code of `{res['before']}`; after: the checkout it ran on; medians of {res['repeat']} runs, one "
         "process per case.", "", *lines, "",
         f"Command: `{res['command']}`", "",
@@ -559,7 +559,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/reliability.py", *sys.argv[1:]])
     res = {"timing": timing, "behaviour": behaviour, "command": command}
     md = "\n".join([
-        "# Reliability: before → after (issues 13 and 24)", "",
+        "# Reliability: before → after", "",
         *_render_behaviour(behaviour, command),
         *_render_timing(timing),
         *([f"The speed figures are those of the last full run (`{timing['command']}`), kept by `{command}`.", ""]

@@ -209,7 +209,10 @@ def main(argv=None) -> int:
         data["tinyllama_cli"], md = bench_tinyllama(args.threads, log)
         parts.append(md)
         print(md + "\n", flush=True)
-    folder = write_results("scan_large", data, "\n\n".join(parts), title="Large models: Llama-3-8B layer, TinyLlama-1.1B CLI scan",
+    title = ("Large models: Llama-3-8B layer, TinyLlama-1.1B CLI scan" if both else
+             "Large models: one Llama-3-8B layer" if args.llama8b else
+             "Large models: the CLI on a TinyLlama-1.1B checkpoint")
+    folder = write_results("scan_large", data, "\n\n".join(parts), title=title,
                            info=machine_info(threads=args.threads), notes=args.note, out_dir=args.out)
     log(f"wrote {folder}")
     return 0

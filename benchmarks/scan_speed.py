@@ -438,6 +438,12 @@ def closing_note(results: List[dict]) -> str:
     return "\n".join(out)
 
 
+def page_title(results: List[dict]) -> str:
+    """The results page's heading, naming the model when the run measured one."""
+    models = [r["model"].split(" (")[0].split(",")[0] for r in results if "methods" in r]
+    return "Scan speed and exactness" + (f": {models[0]}" if len(models) == 1 else "")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -465,7 +471,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sections = [markdown(r) for r in results if "methods" in r]
         note = closing_note(results)
         info = doc["machine"]
-        write_results("scan_speed", doc["results"], "\n\n".join(sections + [note]), title="Scan speed and exactness",
+        write_results("scan_speed", doc["results"], "\n\n".join(sections + [note]), title=page_title(results),
                       command=doc["command"], info=info, notes=args.note, out_dir=args.render.parent)
         return 0
     if args.layers < 1:
@@ -518,7 +524,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(note)
     info = machine_info(threads=args.threads)
     body = "\n\n".join(sections + [note])
-    folder = write_results("scan_speed", dict(results=results), body, title="Scan speed and exactness",
+    folder = write_results("scan_speed", dict(results=results), body, title=page_title(results),
                            info=info, notes=args.note, out_dir=args.out)
     log(f"wrote {folder}")
     return 0

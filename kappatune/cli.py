@@ -37,6 +37,10 @@ __all__ = ["main", "build_parser", "SCAN_FORMAT", "read_scan", "write_output"]
 
 SCAN_FORMAT = "kappatune-scan"
 SCAN_VERSION = 1
+# The default --max-dim: the value the library's quickstart passes (KappaTuneOptimizer(..., max_dim=16384)),
+# so that `kappatune show MODEL --top-fraction 0.1` marks the tensors the quickstart trains. It leaves out
+# matrices with a side over 16384: in practice the embedding and an untied LM head of a large vocabulary.
+DEFAULT_MAX_DIM = 16384
 _SCAN_ONLY = ("min_ndim", "max_dim", "aggregate", "cache_dir", "no_cache", "recompute", "workers")
 
 
@@ -65,6 +69,16 @@ def _int_at_least(low: int):
 
 _positive_int = _int_at_least(1)
 _count = _int_at_least(0)
+
+
+def _max_dim(s: str) -> Any:
+    """An argparse type: a whole number ``>= 1``, or ``none`` (no limit)."""
+    if s.strip().lower() == "none":
+        return "none"
+    try:
+        return _positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'none', got {s!r}") from None
 
 
 def _float(s: str) -> float:
@@ -117,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = scan_opts.add_argument_group("scan (which tensors are analysed, and the κ cache)")
     s.add_argument("--min-ndim", type=_positive_int, default=None, metavar="N",
                    help="skip tensors with fewer dimensions (default 2: biases and norms are skipped)")
-    s.add_argument("--max-dim", type=_positive_int, default=None, metavar="N",
-                   help="skip tensors with a matrix side longer than N (e.g. 16384 skips large embeddings)")
+    s.add_argument("--max-dim", type=_max_dim, default=None, metavar="N",
+                   help=f"skip tensors with a matrix side longer than N (default {DEFAULT_MAX_DIM}, the value "
+                        "the library's quickstart passes: large embeddings and LM heads are left out; 'none' "
+                        "analyses every tensor)")
     s.add_argument("--aggregate", choices=("mean", "max"), default=None,
                    help="κ of a stacked 3-D tensor (mixture-of-experts weights): mean (default) or max "
                         "over its matrices")
@@ -319,7 +335,7 @@ def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     progress = args.progress  # None: a bar only when stderr is a terminal (tqdm's disable=None)
     options = {
         "min_ndim": 2 if args.min_ndim is None else args.min_ndim,
-        "max_dim": args.max_dim,
+        "max_dim": (DEFAULT_MAX_DIM if args.max_dim is None else None if args.max_dim == "none" else args.max_dim),
         "include": args.include,
         "exclude": args.exclude,
         "aggregate": args.aggregate or "mean",
@@ -523,11 +539,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     fig = plot_kappa(table, names, None, title=title, dpi=args.dpi)
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=args.dpi)
-    with contextlib.suppress(Exception):
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    fig.savefig(buf, format=fmt, dpi=args.dpi)  # a plain Figure: no pyplot, nothing to close
     write_output(args.output, buf.getvalue())
     print(f"wrote {args.output} ({len(table)} tensors, {len(names)} selected)")
     return 0

@@ -242,3 +242,221 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     kappa = (site / "reference/kappa/index.html").read_text(encoding="utf-8")
     assert '<div class="arithmatex">\\[' in kappa and '<span class="arithmatex">\\(' in kappa
     assert ".. math::" not in kappa and ":math:" not in kappa and ":func:" not in html
+
+
+# -- the navigation: one title per page, nothing internal ----------------------------------------
+def _nav_pages(node, out):
+    """(title, path) of every page in a parsed mkdocs nav."""
+    if isinstance(node, list):
+        for item in node:
+            _nav_pages(item, out)
+    elif isinstance(node, dict):
+        for title, value in node.items():
+            if isinstance(value, str):
+                out.append((title, value))
+            else:
+                _nav_pages(value, out)
+    elif isinstance(node, str):
+        out.append((None, node))
+    return out
+
+
+def test_navigation_lists_each_page_once_under_its_own_title():
+    yaml = pytest.importorskip("yaml")
+    nav = _nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"], [])
+    titles = [t for t, _ in nav if t is not None]
+    paths = [p for _, p in nav]
+    assert len(set(paths)) == len(paths), f"pages listed twice: {sorted({p for p in paths if paths.count(p) > 1})}"
+    assert len(set(titles)) == len(titles), f"titles used twice: {sorted({t for t in titles if titles.count(t) > 1})}"
+    internal = [t for t in titles if re.search(r"\bissues?\b\s*#?\d|#\d", t, re.I)]
+    assert not internal, f"navigation titles that show issue numbers to users: {internal}"
+
+
+def test_generator_gives_results_with_one_heading_distinct_titles(tmp_path):
+    results = tmp_path / "results"
+    for part in ("small_model", "large_model"):
+        (results / "speed" / part).mkdir(parents=True)
+        (results / "speed" / part / "results.md").write_text("# Speed\n\nnumbers\n")
+    (results / "mem").mkdir(parents=True)
+    (results / "mem" / "results.md").write_text("# Memory\n")
+    (results / "mem" / "again").mkdir()
+    (results / "mem" / "again" / "results.md").write_text("# Memory\n")
+    pages = make_docs.render_all(results)
+    titles = [ln.split('": ')[0].strip('"') for ln in make_docs.nav_lines(pages)[1:]]
+    assert sorted(titles) == ["Memory", "Memory (again)", "Speed (large model)", "Speed (small model)"]
+    assert pages["speed-small_model.md"].splitlines()[1] == "# Speed (small model)"
+    assert "[Speed (large model)](speed-large_model.md)" in pages["index.md"]
+
+
+# -- the command line and the quickstart choose the same tensors by default ----------------------
+def test_command_line_selects_what_the_quickstart_trains(tmp_path, capsys):
+    """``kappatune export MODEL_DIR --top-fraction 0.1`` and the quickstart's
+    ``KappaTuneOptimizer(model, ..., top_fraction=0.1, max_dim=16384)`` select the same tensors, on a
+    model whose embedding and LM head (16400 × 16, the best conditioned) are longer than 16384."""
+    import torch
+
+    import kappatune
+    from kappatune.cli import main
+
+    from .conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=1, layers=2, hidden=16, vocab=16400)
+    model.save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--top-fraction", "0.1", "--format", "names"]) == 0
+    cli = capsys.readouterr().out.split()
+    opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, top_fraction=0.1, max_dim=16384, lr=1e-3,
+                                       cache=False)
+    assert sorted(cli) == sorted(opt.selected) and len(cli) == 2  # ceil(0.1 × 14 linear layers)
+    table = kappatune.scan(model, cache=False, progress=False)      # every size: the embedding ranks first
+    assert table.names[0] in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+# -- the code blocks marked runnable run ----------------------------------------------------------
+# A fenced ```python or ```bash block right after a line `<!-- runnable -->` is run by this test, in
+# document order, in a fresh folder per page (python blocks of a page share one namespace, as a reader
+# running them in turn would). `<!-- runnable: model, batches -->` names what the block takes from
+# the reader and the test supplies (GIVENS below): in python a variable, in bash a word replaced by the
+# value. Everything is built from tiny configs, never downloaded.
+RUNNABLE = re.compile(r"^<!--\s*runnable(?::\s*(?P<givens>[^>]*?))?\s*-->\s*$")
+FENCE = re.compile(r"^```(python|bash)\s*$")
+
+
+def _tiny_model(ctx):
+    from .conftest import make_tiny_llama
+
+    return make_tiny_llama(seed=0, layers=3)
+
+
+def _saved_model(ctx):
+    folder = ctx["tmp"] / "given_model"
+    if not folder.is_dir():
+        _given(ctx, "model").save_pretrained(folder)
+    return str(folder)
+
+
+def _batches(ctx):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    vocab = _given(ctx, "model").config.vocab_size
+    return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(2)]
+
+
+def _opt(ctx):
+    import torch
+
+    import kappatune
+
+    return kappatune.KappaTuneOptimizer(_given(ctx, "model"), torch.optim.AdamW, top_fraction=0.1, lr=1e-3,
+                                        cache=False)
+
+
+def _table(ctx):
+    import kappatune
+
+    return kappatune.scan(_given(ctx, "model"), cache=False, progress=False)
+
+
+GIVENS = {
+    "model": _tiny_model,                                   # a LlamaForCausalLM, 3 layers, from a config
+    "MODEL": _saved_model,                                  # the folder it is saved in (from_pretrained)
+    "MODEL_DIR": _saved_model,                              # the same, for the command line
+    "batches": _batches,                                    # token-id tensors (2, 16)
+    "loader": lambda ctx: [dict(input_ids=x, labels=x) for x in _given(ctx, "batches")],
+    "accum": lambda ctx: 2,
+    "opt": _opt,                                            # KappaTuneOptimizer over model, AdamW
+    "table": _table,                                        # kappatune.scan(model)
+    "names": lambda ctx: _given(ctx, "table").select(top_fraction=0.1),
+}
+
+
+def _given(ctx, name):
+    if name not in ctx["values"]:
+        ctx["values"][name] = GIVENS[name](ctx)
+    return ctx["values"][name]
+
+
+def runnable_blocks(path: Path):
+    """``(line, language, givens, code)`` of every block of ``path`` marked runnable.
+
+    Raises:
+        ValueError: a marker not followed by a python/bash fence, an unclosed block, or a given the
+            test does not know, naming the file and line.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        m = RUNNABLE.match(line.strip())
+        if not m:
+            continue
+        where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{i + 1}"
+        fence = FENCE.match(lines[i + 1]) if i + 1 < len(lines) else None
+        if not fence:
+            raise ValueError(f"{where}: '<!-- runnable -->' must be followed by a ```python or ```bash fence")
+        end = next((j for j in range(i + 2, len(lines)) if lines[j].startswith("```")), None)
+        if end is None:
+            raise ValueError(f"{where}: the code block is not closed")
+        givens = [g.strip() for g in (m.group("givens") or "").split(",") if g.strip()]
+        unknown = [g for g in givens if g not in GIVENS]
+        if unknown:
+            raise ValueError(f"{where}: unknown given(s) {unknown}; the test supplies {sorted(GIVENS)}")
+        blocks.append((i + 2, fence.group(1), givens, "\n".join(lines[i + 2:end]) + "\n"))
+    return blocks
+
+
+def _documents():
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md"] + sorted(
+        p for p in DOCS.rglob("*.md") if "benchmarks" not in p.relative_to(DOCS).parts)
+
+
+RUNNABLE_DOCS = [p for p in _documents()
+                 if any(RUNNABLE.match(ln.strip()) for ln in p.read_text(encoding="utf-8").splitlines())]
+
+
+def test_runnable_markers_are_well_formed(tmp_path):
+    assert len(RUNNABLE_DOCS) >= 3, "the README and the guides mark their runnable blocks"
+    for p in RUNNABLE_DOCS:
+        assert runnable_blocks(p)  # each marker well formed: a fence follows, every given is known
+    bad = tmp_path / "x.md"
+    bad.write_text("<!-- runnable -->\n\n```python\nx = 1\n```\n")
+    with pytest.raises(ValueError, match=r"x\.md:1: .* must be followed by"):
+        runnable_blocks(bad)
+    bad.write_text("<!-- runnable: model, gpu_cluster -->\n```python\nx = 1\n```\n")
+    with pytest.raises(ValueError, match=r"unknown given\(s\) \['gpu_cluster'\]"):
+        runnable_blocks(bad)
+    bad.write_text("text\n<!-- runnable: model -->\n```bash\necho hi\n```\n")
+    assert runnable_blocks(bad) == [(3, "bash", ["model"], "echo hi\n")]
+
+
+@pytest.mark.parametrize("path", RUNNABLE_DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_runnable_blocks_run(path, tmp_path, monkeypatch):
+    import os
+    import shlex
+    import warnings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # blocks write where a reader would: cache="cache", -o table.json, ...
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    namespace = {"__name__": "__docs__"}
+    for line, lang, givens, code in runnable_blocks(path):
+        where = f"{path.relative_to(ROOT).as_posix()}:{line}"
+        ctx = {"tmp": tmp_path, "values": {}}
+        if lang == "python":
+            namespace.update({g: _given(ctx, g) for g in givens})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    exec(compile(code, where, "exec"), namespace)
+                except Exception as e:
+                    pytest.fail(f"{where}: the python block fails: {type(e).__name__}: {e}")
+            # a block a reader copies should not warn (e.g. autocast("cuda") on a machine without CUDA)
+            warned = [f"{w.category.__name__}: {w.message}" for w in caught
+                      if issubclass(w.category, UserWarning) and not issubclass(w.category, FutureWarning)]
+            assert not warned, f"{where}: the python block warns: {warned}"
+        else:
+            for g in givens:
+                code = re.sub(rf"\b{re.escape(g)}\b", shlex.quote(str(_given(ctx, g))), code)
+            r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=work, env=env,
+                               capture_output=True, text=True, timeout=180)
+            assert r.returncode == 0, f"{where}: the bash block fails:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"

@@ -1,7 +1,10 @@
 """kappatune.plot: the κ heatmap (layers × module kinds) and histogram."""
 
+import json
 import math
+import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -58,7 +61,6 @@ def test_grid_experts_mean_and_ambiguous_kinds():
 @pytest.mark.parametrize("layers", [12, 80])
 def test_png_size_and_no_global_matplotlib_state(tmp_path, layers):
     t = _llama_table(layers, inf_head=True)
-    had_pyplot = "matplotlib.pyplot" in sys.modules
     rc = matplotlib.rcParams.copy()  # (reading rcParams["backend"] could itself import pyplot)
     out = tmp_path / "k.png"
     fig = plot_kappa(t, t.select(top_fraction=0.1), out, dpi=50)
@@ -67,8 +69,7 @@ def test_png_size_and_no_global_matplotlib_state(tmp_path, layers):
     width, height = _png_size(out)
     assert abs(width - w * 50) <= 1 and abs(height - h * 50) <= 1
     assert out.stat().st_size > 5_000
-    assert had_pyplot or "matplotlib.pyplot" not in sys.modules  # no pyplot, so no backend switch
-    assert matplotlib.rcParams.copy() == rc
+    assert matplotlib.rcParams.copy() == rc  # (no pyplot: checked in a fresh process below)
     if layers == 80:
         assert h <= 20.0  # bounded height; 81 rows, every other one labelled
         ax = fig.axes[0]
@@ -86,3 +87,37 @@ def test_svg_and_errors(tmp_path):
         plot_kappa(KappaTable([]), [], tmp_path / "e.png")
     with pytest.raises(ValueError, match="not in the κ table"):
         plot_kappa(t, ["nope.weight"])
+
+
+# In this process pyplot may already be imported (test_cli.py, any earlier test), which would hide a
+# pyplot import by the library: the promise is checked in a fresh interpreter.
+_NO_PYPLOT = r"""
+import json, sys
+from kappatune.selection import KappaEntry, KappaTable
+from kappatune.plot import plot_kappa
+from kappatune.cli import main
+out, saved = sys.argv[1], sys.argv[2]
+table = KappaTable([KappaEntry(f"model.layers.{i}.mlp.up_proj.weight", 2.0 + i, (8, 8), 64, "float32")
+                    for i in range(4)])
+plot_kappa(table, table.select(num_tensors=2), out + "/lib.png", dpi=30)
+assert "matplotlib.pyplot" not in sys.modules, "plot_kappa imported matplotlib.pyplot"
+rc = main(["plot", saved, "--num-tensors", "2", "-o", out + "/cli.svg", "--dpi", "30"])
+assert rc == 0, rc
+assert "matplotlib.pyplot" not in sys.modules, "kappatune plot imported matplotlib.pyplot"
+assert "matplotlib.figure" in sys.modules  # it did draw, with the object-oriented API
+"""
+
+
+def test_library_and_cli_draw_without_pyplot(tmp_path):
+    from kappatune.cli import SCAN_FORMAT
+
+    t = _llama_table(2)
+    saved = tmp_path / "table.json"
+    saved.write_text(json.dumps({"format": SCAN_FORMAT, "version": 1, "source": ["tiny"],
+                                 "table": t.to_dict()}))
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    r = subprocess.run([sys.executable, "-c", _NO_PYPLOT, str(tmp_path), str(saved)], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert _png_size(tmp_path / "lib.png")[0] > 0
+    assert "<svg" in (tmp_path / "cli.svg").read_text()[:2000]

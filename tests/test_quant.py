@@ -1,5 +1,6 @@
 """κ of bitsandbytes 4-bit / 8-bit weights: real quantized models loaded through transformers."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -13,8 +14,14 @@ from kappatune.cache import KappaCache
 
 from .conftest import make_tiny_llama
 
-transformers = pytest.importorskip("transformers")
-bnb = pytest.importorskip("bitsandbytes")
+# A missing optional dependency skips this file; one that is installed but fails to import fails it
+# (pytest.importorskip would skip a broken install as if it were absent).
+_MISSING = [m for m in ("transformers", "bitsandbytes") if importlib.util.find_spec(m) is None]
+if _MISSING:
+    pytest.skip(f"needs {' and '.join(_MISSING)}: pip install -e \".[hf,quant]\"", allow_module_level=True)
+
+import bitsandbytes as bnb  # noqa: E402
+import transformers  # noqa: E402
 
 CONFIGS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -243,8 +250,22 @@ def test_bitsandbytes_and_peft_are_not_imported_for_ordinary_models():
 
 # -- the optimizer refuses to train a quantized tensor in full ----------------------------------
 def _optimizer_cls():
-    mod = pytest.importorskip("kappatune.optimizer", reason="KappaTuneOptimizer not in this tree yet")
-    return mod.KappaTuneOptimizer
+    # part of the package, not an optional dependency: a broken optimizer module fails these tests
+    from kappatune.optimizer import KappaTuneOptimizer
+
+    return KappaTuneOptimizer
+
+
+def test_a_broken_optimizer_module_fails_the_tests_instead_of_skipping_them(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kappatune.optimizer", None)  # an import of it now raises ImportError
+    try:
+        _optimizer_cls()
+    except ImportError:
+        pass
+    except pytest.skip.Exception:
+        pytest.fail("a kappatune.optimizer that cannot be imported is skipped instead of reported")
+    else:
+        pytest.fail("the import of a broken kappatune.optimizer did not fail")
 
 
 def test_optimizer_refuses_quantized_tensor(checkpoint):
