@@ -1,77 +1,40 @@
-"""Spectrum's signal-to-noise ratio of a weight matrix (Hartford et al., arXiv 2406.06623), our implementation.
+"""Spectrum's signal-to-noise ratio of a weight matrix (Hartford et al., arXiv 2406.06623): a thin shim.
 
-Spectrum ranks the matrices of each module type by an SNR read off their singular values and
-trains the highest-SNR ones. For a matrix ``W`` of shape ``(n, m)`` with singular values
-``σ_1 ≥ … ≥ σ_k`` (``k = min(n, m)``):
+The implementation is kappatune's (:func:`kappatune.kappa.snr_of`, ``kappatune.scan(model,
+score="snr")`` with its cache, and selection through ``KappaTable.select``, highest SNR first); this
+module keeps the names that ``forgetting_v2.py``, ``forgetting.py`` and their tests use. The formula,
+checked against the public Spectrum code (``spectrum.py`` of cognitivecomputations/spectrum):
 
-* noise scale from the interquartile range of the singular values (a robust Gaussian σ):
-  ``s = (Q75(σ) − Q25(σ)) / 1.349`` (quantiles with linear interpolation, as ``torch.quantile``);
-* Marchenko–Pastur edge for a pure-noise ``n × m`` matrix with entries of scale ``s``:
-  ``τ = s · (1 + √β)``, ``β = min(n, m) / max(n, m)``;
-* ``SNR = (Σ_{σ_i > τ} σ_i  /  Σ_{σ_i ≤ τ} σ_i) / σ_1``.
+* noise scale ``s = (Q75(σ) − Q25(σ)) / 1.349`` (linear-interpolation quantiles, as ``torch.quantile``);
+* Marchenko–Pastur edge ``τ = s · (1 + √β)``, ``β = min(n, m) / max(n, m)``;
+* ``SNR = (Σ_{σ_i > τ} σ_i / Σ_{σ_i ≤ τ} σ_i) / σ_1``, the noise sum 1 when no value is at or below τ.
 
-Facts checked against the public Spectrum code (``spectrum.py`` of cognitivecomputations/spectrum):
-the threshold is ``s · sqrt((1 + sqrt(β))²)``, the noise sum falls back to 1 when no singular value is
-at or below the threshold, and the ratio is divided by the largest singular value. Spectrum also
-unfreezes the embeddings and LM head; the forgetting study keeps them frozen (every arm does).
+Spectrum also unfreezes the embeddings and LM head; the forgetting study keeps them frozen (every arm
+does).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Tuple
 
-import numpy as np
 import torch
 
-IQR_TO_SIGMA = 1.349   # IQR of a standard normal
-
-
-def mp_threshold(sigma: float, shape: Sequence[int]) -> float:
-    """Marchenko–Pastur edge ``σ · (1 + √β)`` with ``β = min/max`` of the last two dims of ``shape``."""
-    n, m = int(shape[-2]), int(shape[-1])
-    beta = min(n, m) / max(n, m)
-    return float(sigma) * (1.0 + math.sqrt(beta))
-
-
-def snr_from_singular_values(s: Iterable[float], shape: Sequence[int]) -> float:
-    """Spectrum's SNR from the singular values ``s`` (any order) of a matrix of ``shape``.
-
-    Args:
-        s (iterable of float): the singular values, all of them (``min(n, m)`` values).
-        shape (sequence of int): the matrix shape ``(n, m)`` (only the last two dims are read).
-
-    Returns:
-        float: ``(Σ σ_i > τ) / (Σ σ_i ≤ τ) / σ_max`` with ``τ`` the Marchenko–Pastur edge of the IQR
-        noise estimate (module docstring); ``0.0`` for an all-zero matrix.
-    """
-    v = np.sort(np.asarray(list(s), dtype=np.float64))[::-1]
-    if v.size == 0:
-        raise ValueError("snr_from_singular_values: no singular values given")
-    smax = float(v[0])
-    if smax <= 0:
-        return 0.0
-    q75, q25 = np.quantile(v, [0.75, 0.25])      # numpy's default is linear interpolation, as torch.quantile
-    tau = mp_threshold((q75 - q25) / IQR_TO_SIGMA, shape)
-    signal = float(v[v > tau].sum())
-    below = v[v <= tau]
-    noise = float(below.sum()) if below.size else 1.0
-    if noise == 0.0:
-        return math.inf
-    return signal / noise / smax
+import kappatune
+from kappatune.kappa import IQR_TO_SIGMA, mp_threshold, snr_from_singular_values  # noqa: F401  (re-exported)
+from kappatune.kappa import snr_of as _snr_of
 
 
 def snr_of(weight: torch.Tensor) -> float:
-    """Spectrum's SNR of one 2-D weight (singular values in float64 on the weight's device)."""
+    """Spectrum's SNR of one 2-D weight (:func:`kappatune.kappa.snr_of`, float64 singular values)."""
     if weight.dim() != 2:
         raise ValueError(f"snr_of: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    s = torch.linalg.svdvals(weight.detach().to(torch.float64 if weight.device.type == "cpu" else torch.float32))
-    return snr_from_singular_values(s.cpu().tolist(), tuple(weight.shape))
+    return _snr_of(weight).snr
 
 
 def snr_table(named: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-    """``{name: SNR}`` of every tensor in ``named`` (2-D weights)."""
-    return {n: snr_of(w) for n, w in named.items()}
+    """``{name: SNR}`` of every tensor in ``named`` (2-D weights), through ``kappatune.scan(score="snr")``."""
+    table = kappatune.scan(dict(named), score="snr", cache=False, progress=False)
+    return {n: table[n].snr for n in named}
 
 
 def rank_within_kind(snr: Mapping[str, float], kind_of) -> Dict[str, Tuple[str, ...]]:

@@ -5,6 +5,13 @@ reused only for byte-identical weights: a cache written for another model, or be
 changed a tensor, is never used for it, and a fine-tuned model still reuses every tensor it left
 unchanged.
 
+The same cache holds Spectrum's SNR (``kappatune.scan(model, score="snr")``) under keys of their
+own, ``digest|layout|snr`` beside κ's ``digest|layout`` (:meth:`KappaCache.key`); every entry
+records its score and is checked against its key's (:func:`validate_entry`), so a κ is never read
+as an SNR nor the reverse. Files written before SNR entries existed are read as they are (their
+keys are κ keys), and an earlier kappatune never uses an SNR entry: the last part of its key is not
+a layout, so that version rejects it (and leaves it out when it rewrites a ``.json`` cache).
+
 Stores
 ------
 * A **folder** (the default, :func:`default_cache_dir`) holds ``kappa_cache.sqlite``, an SQLite
@@ -66,7 +73,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["KappaCache", "tensor_digest", "default_cache_dir", "SCHEMA_VERSION", "CACHE_FORMAT",
-           "validate_entry", "InvalidEntry"]
+           "validate_entry", "InvalidEntry", "key_score"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ _SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _LOCK_TIMEOUT_S = 120.0
 _LOCK_NOTICE_S = 1.0  # after this long waiting for a lock, say so
 _LAYOUTS = ("matrix", "flatten", "stack")
+_OTHER_SCORES = ("snr",)  # scores other than κ, each the last part of its keys (digest|layout|snr)
 _RTOL = 1e-9  # "within rounding" for κ = σ_max/σ_min and for the aggregate of a stack
 _EPS64 = 2.220446049250313e-16
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -213,33 +221,58 @@ def _matrix_dims(shape: Sequence[int], layout: str) -> Tuple[int, int, int]:
     return 1, shape[0], shape[1]
 
 
+def key_score(key: str) -> Tuple[str, str]:
+    """``(layout, score)`` of a cache key: ``digest|layout`` is a κ key (``"kappa"``), and
+    ``digest|layout|snr`` an SNR key (:meth:`KappaCache.key`).
+
+    Args:
+        key (str): the key.
+    """
+    head, _, last = key.rpartition("|")
+    if last in _OTHER_SCORES:
+        return head.rpartition("|")[2], last
+    return last, "kappa"
+
+
 def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Sequence[int]] = None,
                    dtype: Optional[str] = None) -> Dict[str, Any]:
     """The entry in its stored (encoded) form, checked; raises :class:`InvalidEntry` saying why not.
 
     Args:
         entry (Any): a decoded JSON object as stored (κ may be the string ``"inf"``).
-        key (Optional[str]): its key (``digest|layout``); the layout must agree (default ``None``).
+        key (Optional[str]): its key (``digest|layout``, or ``digest|layout|snr`` for an SNR); the
+            layout and the score must agree (default ``None``: the score is the entry's own).
         shape (Optional[Sequence[int]]): the shape of the tensor asking for it (default ``None``).
         dtype (Optional[str]): the dtype of the tensor asking for it (default ``None``).
 
     Checks: every field of the right type and finite; the layout one of ``matrix``, ``flatten``,
-    ``stack`` and fitting the shape; :math:`\\sigma_{\\max} \\ge \\sigma_{\\min} \\ge 0`; for a
+    ``stack`` and fitting the shape; the entry's score (a ``"score"`` field, absent for κ) that of
+    its key, so a κ entry is never read as an SNR nor the reverse. For κ:
+    :math:`\\sigma_{\\max} \\ge \\sigma_{\\min} \\ge 0`; for a
     matrix, :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}` to ``1e-9`` relative, or
     :math:`\\kappa = \\infty` with :math:`\\sigma_{\\min} \\le \\sigma_{\\max}\\max(m,n)\\,\\varepsilon`
     (the rank-deficiency rule of :mod:`kappatune.kappa`); for a stack, one ``per_matrix`` value
     :math:`\\ge 1` per matrix, none above :math:`\\sigma_{\\max}/\\sigma_{\\min}`, and κ their mean
-    (or maximum).
+    (or maximum). For an SNR (:func:`kappatune.kappa.snr_of`): :math:`\\sigma_{\\max}`, the signal
+    and noise sums and the threshold finite and :math:`\\ge 0`, the signal at most
+    :math:`\\min(m,n)\\,\\sigma_{\\max}`, and
+    :math:`\\mathrm{SNR} = \\text{signal}/\\text{noise}/\\sigma_{\\max}` to ``1e-9`` relative (``inf``
+    for a noise sum of 0, 0 for :math:`\\sigma_{\\max} = 0`); for a stack, one ``per_matrix`` SNR
+    :math:`\\ge 0` per matrix and the SNR their mean (or maximum).
     """
     if entry is _DUPLICATE:
         raise InvalidEntry("its key appears twice in the file (duplicate key)")
     if not isinstance(entry, dict):
         raise InvalidEntry(f"it is {type(entry).__name__}, not an object")
+    has = entry.get("score", "kappa")
+    key_layout, score = key_score(key) if key is not None else (None, has if has in _OTHER_SCORES else "kappa")
+    if has != score:
+        raise InvalidEntry(f"it is {_score_word(has)} entry under {_score_word(score)} key")
     layout = entry.get("layout")
     if layout not in _LAYOUTS:
         raise InvalidEntry(f"layout {layout!r} is not one of {', '.join(_LAYOUTS)}")
-    if key is not None and key.rpartition("|")[2] != layout:
-        raise InvalidEntry(f"layout {layout!r} differs from the key's {key.rpartition('|')[2]!r}")
+    if key is not None and key_layout != layout:
+        raise InvalidEntry(f"layout {layout!r} differs from the key's {key_layout!r}")
     shp = entry.get("shape")
     if (not isinstance(shp, list) or not shp
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shp)):
@@ -257,6 +290,8 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
         raise InvalidEntry(f"name {name!r} is not a string")
+    if score == "snr":
+        return _validate_snr(entry, layout, shp, dt, name)
     smax = _number(entry.get("sigma_max"), "sigma_max")
     smin = _number(entry.get("sigma_min"), "sigma_min")
     if not smax >= smin >= 0:
@@ -292,6 +327,62 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
             "dtype": dt, "layout": layout, "per_matrix": per_out, "name": name}
 
 
+def _score_word(score: Any) -> str:
+    return {"kappa": "a κ", "snr": "an SNR"}.get(score, f"a {score!r}") if isinstance(score, str) else f"a {score!r}"
+
+
+def _validate_snr(entry: Mapping[str, Any], layout: str, shp: List[int], dt: str, name: Optional[str]
+                  ) -> Dict[str, Any]:
+    """The checks of an SNR entry (:func:`validate_entry`) after the common ones."""
+    smax = _number(entry.get("sigma_max"), "sigma_max")
+    snr = _number(entry.get("snr"), "snr", allow_inf=True)
+    if smax < 0 or snr < 0:
+        raise InvalidEntry(f"sigma_max {smax!r} and snr {snr!r} must be >= 0")
+    b, m, n = _matrix_dims(shp, layout)
+    pm = entry.get("per_matrix")
+    parts = {k: entry.get(k) for k in ("signal", "noise", "threshold")}
+    if layout == "stack":
+        if not isinstance(pm, list) or len(pm) != b:
+            raise InvalidEntry(f"per_matrix must hold {b} values (one per matrix), got {pm!r:.60}")
+        per = [_number(v, "per_matrix value", allow_inf=True) for v in pm]
+        if any(v < 0 for v in per):
+            raise InvalidEntry("a per_matrix value is below 0")
+        if any(v is not None for v in parts.values()):
+            raise InvalidEntry("signal, noise and threshold are per matrix: not given for a stack")
+        mean = math.inf if any(math.isinf(v) for v in per) else math.fsum(per) / len(per)
+        if not (_close(snr, mean) or _close(snr, max(per))):
+            raise InvalidEntry(f"snr {snr!r} is neither the mean nor the max of per_matrix")
+        return {"score": "snr", "snr": _encode_float(snr), "sigma_max": smax, "signal": None, "noise": None,
+                "threshold": None, "shape": list(shp), "dtype": dt, "layout": layout,
+                "per_matrix": [_encode_float(v) for v in per], "name": name}
+    if pm is not None:
+        raise InvalidEntry(f"per_matrix is given for layout {layout!r}")
+    signal, noise, tau = (_number(parts[k], k) for k in ("signal", "noise", "threshold"))
+    if min(signal, noise, tau) < 0:
+        raise InvalidEntry("signal, noise and threshold must be >= 0")
+    if signal > min(m, n) * smax * (1 + _RTOL):
+        raise InvalidEntry(f"signal {signal!r} exceeds min(m, n) * sigma_max")
+    want = 0.0 if smax == 0 else (math.inf if noise == 0 else signal / noise / smax)
+    if not _close(snr, want):
+        raise InvalidEntry(f"snr {snr!r} but signal/noise/sigma_max = {want!r}")
+    return {"score": "snr", "snr": _encode_float(snr), "sigma_max": smax, "signal": signal, "noise": noise,
+            "threshold": tau, "shape": list(shp), "dtype": dt, "layout": layout, "per_matrix": None, "name": name}
+
+
+def _snr_fields(f: Mapping[str, Any]) -> Dict[str, Any]:
+    """An SNR entry to store, from ``snr``, ``sigma_max``, ``signal``, ``noise``, ``threshold`` (NaN
+    or ``None`` for a stack), ``shape``, ``dtype``, ``layout``, ``per_matrix`` and ``name``."""
+    def part(x: Any) -> Optional[float]:
+        return None if x is None or math.isnan(float(x)) else float(x)
+
+    pm = f.get("per_matrix")
+    return {"score": "snr", "snr": _encode_float(float(f["snr"])), "sigma_max": float(f["sigma_max"]),
+            "signal": part(f.get("signal")), "noise": part(f.get("noise")), "threshold": part(f.get("threshold")),
+            "shape": [int(s) for s in f["shape"]], "dtype": str(f["dtype"]).replace("torch.", ""),
+            "layout": f["layout"], "per_matrix": None if pm is None else [_encode_float(float(v)) for v in pm],
+            "name": f.get("name")}
+
+
 def _encode_float(x: float) -> Union[float, str]:
     return "inf" if math.isinf(x) else float(x)
 
@@ -302,7 +393,10 @@ def _decode_float(x: Any) -> float:
 
 def _decode(e: Mapping[str, Any]) -> dict:
     out = dict(e)
-    out["kappa"] = _decode_float(e["kappa"])
+    if e.get("score") == "snr":
+        out["snr"] = _decode_float(e["snr"])
+    else:
+        out["kappa"] = _decode_float(e["kappa"])
     if e.get("per_matrix") is not None:
         out["per_matrix"] = [_decode_float(v) for v in e["per_matrix"]]
     return out
@@ -955,9 +1049,20 @@ class KappaCache:
 
     # -- keys and entries --------------------------------------------------------------
     @staticmethod
-    def key(digest: str, layout: str) -> str:
-        """Cache key of a tensor: its content digest and the κ layout used."""
-        return f"{digest}|{layout}"
+    def key(digest: str, layout: str, score: str = "kappa") -> str:
+        """Cache key of a tensor: its content digest, the layout used and the score.
+
+        Args:
+            digest (str): :func:`tensor_digest` of the tensor.
+            layout (str): ``"matrix"``, ``"flatten"`` or ``"stack"``.
+            score (str, optional): ``"kappa"`` (key ``digest|layout``, as written by every
+                kappatune) or ``"snr"`` (key ``digest|layout|snr``). Default: ``"kappa"``.
+        """
+        if score == "kappa":
+            return f"{digest}|{layout}"
+        if score not in _OTHER_SCORES:
+            raise ValueError(f"score must be 'kappa' or one of {', '.join(map(repr, _OTHER_SCORES))}, got {score!r}")
+        return f"{digest}|{layout}|{score}"
 
     def get(self, key: str, *, shape: Optional[Sequence[int]] = None, dtype: Optional[str] = None) -> Optional[dict]:
         """The decoded entry for ``key`` (κ values as floats), or ``None``.
@@ -1047,12 +1152,23 @@ class KappaCache:
                                  layout=layout, per_matrix=per_matrix, name=name)})
 
     def put_many(self, entries: Mapping[str, Mapping[str, Any]]) -> int:
-        """:meth:`put` for ``{key: fields}``; returns how many entries were recorded."""
+        """:meth:`put` for ``{key: fields}``; returns how many entries were recorded.
+
+        Under an SNR key (``digest|layout|snr``) the fields are those of an SNR result: ``snr``,
+        ``sigma_max``, ``signal``, ``noise``, ``threshold`` (NaN for a stack), ``shape``, ``dtype``,
+        ``layout``, ``per_matrix`` (the SNR of each matrix of a stack) and ``name``.
+        """
         self._ensure_loaded()
         n = 0
         for key, f in entries.items():
             try:
                 pm = f.get("per_matrix")
+                if key_score(key)[1] == "snr":
+                    raw = _snr_fields(f)
+                    self._new[key] = validate_entry(raw, key)
+                    self._bad.discard(key)
+                    n += 1
+                    continue
                 raw = {
                     "kappa": _encode_float(float(f["kappa"])),
                     "sigma_max": float(f["sigma_max"]), "sigma_min": float(f["sigma_min"]),

@@ -92,6 +92,30 @@ Layouts
 * ``"stack"``: a 3-D parameter that stores a stack of matrices, such as the fused expert
   weights of a mixture-of-experts layer ``(num_experts, m, n)``. κ is computed per matrix and
   aggregated with ``"mean"`` (default) or ``"max"``; the per-matrix values are kept.
+
+Spectrum's SNR
+--------------
+:func:`snr_of` computes the signal-to-noise ratio that Spectrum (Hartford et al., 2024,
+arXiv 2406.06623) ranks matrices by, from all :math:`k = \\min(m, n)` singular values
+:math:`\\sigma_1 \\ge \\dots \\ge \\sigma_k` of :math:`W \\in \\mathbb{R}^{m\\times n}`:
+
+.. math::
+
+    s = \\frac{Q_{75}(\\sigma) - Q_{25}(\\sigma)}{1.349}, \\qquad
+    \\tau = s\\,(1 + \\sqrt{\\beta}), \\quad \\beta = \\frac{\\min(m, n)}{\\max(m, n)}, \\qquad
+    \\mathrm{SNR} = \\frac{1}{\\sigma_1}\\,
+        \\frac{\\sum_{\\sigma_i > \\tau} \\sigma_i}{\\sum_{\\sigma_i \\le \\tau} \\sigma_i},
+
+:math:`s` the noise scale read off the interquartile range (linear-interpolation quantiles, as
+``torch.quantile``; 1.349 is the IQR of a standard normal) and :math:`\\tau` the Marchenko–Pastur
+edge of an :math:`m\\times n` noise matrix of that scale. As in Spectrum's code, the noise sum is
+1 when no singular value is at or below :math:`\\tau`, and an SNR whose noise sum is 0 is
+``inf``; an all-zero matrix has SNR 0 (Spectrum would divide by :math:`\\sigma_1 = 0`). Higher SNR
+ranks first. The singular values come from a values-only float64 SVD (LAPACK ``dgesdd``
+through numpy on the CPU, ``torch.linalg.svdvals`` elsewhere), each accurate to about
+:math:`\\varepsilon\\,\\sigma_1`; the κ methods above are not involved (κ needs two singular
+values, the SNR all of them). Layouts as for κ; a stack gets one SNR per matrix, aggregated with
+``"mean"`` or ``"max"``.
 """
 
 from __future__ import annotations
@@ -105,7 +129,8 @@ import torch
 
 from .refs import Layout, resolve_layout
 
-__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "resolve_layout"]
+__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "resolve_layout", "SnrResult", "snr_of",
+           "snr_from_singular_values", "mp_threshold", "IQR_TO_SIGMA"]
 
 Aggregate = Literal["mean", "max"]
 
@@ -526,3 +551,170 @@ def condition_number(
         4.0
     """
     return kappa_of(tensor, name=name, layout=layout, aggregate=aggregate).kappa
+
+
+# -- Spectrum's SNR --------------------------------------------------------------------------------
+IQR_TO_SIGMA = 1.349
+"""The interquartile range of a standard normal: ``s = IQR / 1.349`` estimates a Gaussian σ."""
+
+
+@dataclass(frozen=True)
+class SnrResult:
+    """Spectrum's SNR of one tensor (see the module docstring).
+
+    ``signal`` (:math:`\\sum_{\\sigma_i > \\tau} \\sigma_i`), ``noise``
+    (:math:`\\sum_{\\sigma_i \\le \\tau} \\sigma_i`, 1 when empty) and ``threshold`` (τ) are those of
+    a single matrix; for a ``"stack"`` layout they are NaN, ``per_matrix`` holds the SNR of each
+    matrix, ``snr`` their aggregate and ``sigma_max`` the largest over the stack.
+    """
+
+    snr: float
+    sigma_max: float
+    signal: float
+    noise: float
+    threshold: float
+    layout: str
+    per_matrix: Optional[Tuple[float, ...]] = None
+
+
+def mp_threshold(sigma: float, shape: Tuple[int, ...]) -> float:
+    """The Marchenko–Pastur edge :math:`\\tau = s\\,(1 + \\sqrt{\\beta})` of a noise matrix.
+
+    Args:
+        sigma (float): the noise scale :math:`s`.
+        shape (tuple of int): the matrix shape; only the last two sides :math:`(m, n)` are read,
+            :math:`\\beta = \\min(m, n) / \\max(m, n)`.
+
+    Returns:
+        float: :math:`\\tau`.
+    """
+    m, n = int(shape[-2]), int(shape[-1])
+    return float(sigma) * (1.0 + math.sqrt(min(m, n) / max(m, n)))
+
+
+def _snr_parts(v: np.ndarray, shape: Tuple[int, ...]) -> Tuple[float, float, float, float, float, bool]:
+    """``(snr, sigma_max, signal, noise, threshold, fallback)`` of float64 singular values ``v``,
+    largest first; ``fallback``: no value is at or below the threshold, so the noise sum is 1."""
+    smax = float(v[0])
+    if not smax > 0:  # an all-zero matrix: no signal
+        return 0.0, 0.0, 0.0, 1.0, 0.0, True
+    q75, q25 = np.quantile(v, [0.75, 0.25])  # linear interpolation, as torch.quantile
+    tau = mp_threshold((q75 - q25) / IQR_TO_SIGMA, shape)
+    above = v > tau
+    signal = float(v[above].sum())
+    fallback = bool(above.all())
+    noise = 1.0 if fallback else float(v[~above].sum())
+    snr = math.inf if noise == 0.0 else signal / noise / smax
+    return snr, smax, signal, noise, tau, fallback
+
+
+def snr_from_singular_values(s, shape: Tuple[int, ...]) -> float:
+    """Spectrum's SNR from all the singular values of a matrix (module docstring).
+
+    Args:
+        s (iterable of float): the ``min(m, n)`` singular values, in any order.
+        shape (tuple of int): the matrix shape ``(m, n)`` (only the last two sides are read).
+
+    Returns:
+        float: the SNR,
+        :math:`\\frac{1}{\\sigma_1}\\sum_{\\sigma_i > \\tau}\\sigma_i / \\sum_{\\sigma_i \\le \\tau}\\sigma_i`;
+        ``0.0`` for an all-zero matrix, ``inf`` when the noise sum is 0.
+
+    Raises:
+        ValueError: no singular values, or a negative or non-finite one.
+    """
+    v = np.sort(np.asarray(list(s), dtype=np.float64))[::-1]
+    if v.size == 0:
+        raise ValueError("snr_from_singular_values: no singular values given")
+    if not (np.isfinite(v).all() and v[-1] >= 0):
+        raise ValueError("snr_from_singular_values: singular values must be finite and >= 0")
+    return _snr_parts(v, tuple(shape))[0]
+
+
+def _singular_values(a: torch.Tensor) -> np.ndarray:
+    """All singular values, largest first, of each matrix of a finite float64 batch ``a`` (B, m, n)."""
+    if _numpy_linalg(a):
+        return np.linalg.svd(a.numpy(), compute_uv=False)
+    return torch.linalg.svdvals(a).cpu().numpy()
+
+
+def _stack_snr(stack: torch.Tensor, name: str) -> list:
+    """``[(snr, sigma_max, signal, noise, threshold)]`` of every matrix of ``stack`` (B, m, n)."""
+    if not stack.is_floating_point():
+        raise ValueError(f"{name}: the SNR needs a floating-point tensor, got dtype {stack.dtype}")
+    b, m, n = stack.shape
+    if b == 0 or m == 0 or n == 0:
+        raise ValueError(f"{name}: cannot compute the SNR of an empty tensor of shape {tuple(stack.shape)}")
+    dev = _compute_device(stack)
+    chunk = max(1, _CHUNK_BYTES // (8 * (2 * m * n + 4 * min(m, n) ** 2)))
+    out = []
+    with torch.no_grad():
+        for start in range(0, b, chunk):
+            a = stack[start:start + chunk].detach().to(device=dev, dtype=torch.float64)
+            if not bool(torch.isfinite(a).all()):
+                _raise_non_finite(stack, name)
+            # An exact power-of-two rescaling (max|w| in [0.5, 1)) keeps the SVD and the sums far from
+            # overflow and subnormals; σ and the sums scale back exactly (SNR(2^e W) = SNR(W) / 2^e,
+            # except where the noise sum is Spectrum's fallback of 1).
+            amax = a.abs().amax(dim=(-2, -1))
+            shift = torch.where(amax > 0, -torch.frexp(amax).exponent, torch.zeros_like(amax, dtype=torch.int32))
+            a = torch.ldexp(a, shift[:, None, None].to(a.dtype))
+            for v, e in zip(_singular_values(a), shift.tolist()):
+                snr, smax, signal, noise, tau, fallback = _snr_parts(v, (m, n))
+                if e:  # back to the tensor's scale; a noise sum of 1 (fallback) is not a sum of σ
+                    smax, signal, tau = math.ldexp(smax, -e), math.ldexp(signal, -e), math.ldexp(tau, -e)
+                    if not fallback:
+                        noise = math.ldexp(noise, -e)
+                        snr = math.ldexp(snr, e)
+                out.append((snr, smax, signal, noise, tau))
+            del a
+    return out
+
+
+def snr_of(
+    tensor: torch.Tensor,
+    *,
+    name: str = "tensor",
+    layout: Layout = "auto",
+    aggregate: Aggregate = "mean",
+) -> SnrResult:
+    """Spectrum's SNR of one weight tensor with its layout resolved (see the module docstring).
+
+    Args:
+        tensor (torch.Tensor): the weight, any floating dtype, any device (computed in float64).
+        name (str, optional): names the tensor in errors. Default: ``"tensor"``.
+        layout (str, optional): ``"auto"``, ``"matrix"``, ``"flatten"`` or ``"stack"``, as for κ.
+            Default: ``"auto"``.
+        aggregate (str, optional): ``"mean"`` or ``"max"`` over the matrices of a stack.
+            Default: ``"mean"``.
+
+    Returns:
+        SnrResult: the SNR and the parts it is made of.
+
+    Raises:
+        ValueError: a NaN/Inf weight (naming ``name``), an empty or non-floating tensor, or a bad
+            argument.
+
+    Example::
+
+        >>> w = torch.diag(torch.tensor([10.0, 1.0, 1.0, 1.0, 1.0]))
+        >>> kappatune.kappa.snr_of(w).snr   # IQR 0: every σ is signal, noise sum 1 → 14 / 1 / 10
+        1.4
+    """
+    if aggregate not in ("mean", "max"):
+        raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+    lay = resolve_layout(tuple(tensor.shape), layout, name=name)
+    if lay == "stack":
+        stack = tensor
+    elif lay == "flatten":
+        stack = tensor.reshape(tensor.shape[0], -1).unsqueeze(0)
+    else:
+        stack = tensor.unsqueeze(0)
+    parts = _stack_snr(stack, name)
+    if lay != "stack":
+        return SnrResult(*parts[0], layout=lay)
+    per = tuple(p[0] for p in parts)
+    agg = max(per) if aggregate == "max" else (math.inf if any(math.isinf(v) for v in per)
+                                               else math.fsum(per) / len(per))
+    nan = math.nan
+    return SnrResult(agg, max(p[1] for p in parts), nan, nan, nan, lay, per)

@@ -1,4 +1,4 @@
-"""Scan a model's weights for their condition numbers.
+"""Scan a model's weights for their condition numbers (or Spectrum's SNR).
 
 :func:`scan` (a model or a state dict) and :func:`scan_refs` (any :class:`~kappatune.refs.TensorRef`,
 e.g. a checkpoint's) run one short pipeline, each step a function of its own:
@@ -12,6 +12,12 @@ e.g. a checkpoint's) run one short pipeline, each step a function of its own:
 4. :func:`store` — record the new values in the cache (rank 0 writes the file);
 5. :func:`build_table` — the :class:`~kappatune.selection.KappaTable`, lowest κ first.
 
+``score="snr"`` runs the same pipeline for Spectrum's signal-to-noise ratio
+(:func:`kappatune.kappa.snr_of`, from every singular value): the same filters, digests, cache
+(under SNR keys of their own, :meth:`~kappatune.cache.KappaCache.key`) and sharding, and a table
+ordered highest SNR first, which every selection policy then walks best first. The κ pipeline is
+unchanged by it.
+
 Under an initialised process group every rank ends with rank 0's identical table. Without one,
 nothing distributed happens.
 
@@ -19,6 +25,8 @@ Example::
 
     >>> table = kappatune.scan(model, max_dim=16384)
     >>> table[:3]           # the three lowest-κ tensors
+    >>> snr = kappatune.scan(model, score="snr")
+    >>> snr.select(top_fraction=0.25, group_by="kind")   # Spectrum: the top quarter of each kind
 """
 
 from __future__ import annotations
@@ -39,9 +47,9 @@ from torch import nn
 
 from .cache import KappaCache, tensor_digest
 from .distributed import rank_and_world
-from .kappa import KappaResult, kappa_of
+from .kappa import KappaResult, SnrResult, kappa_of, snr_of
 from .refs import TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
-from .selection import KappaEntry, KappaTable, NameFilter, Patterns
+from .selection import SCORES, KappaEntry, KappaTable, NameFilter, Patterns
 
 __all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "state_dict_refs", "resolve_cache", "CacheArg",
            "filter_refs", "lookup", "compute_local", "compute_sharded", "store", "build_table", "Looked",
@@ -51,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: What ``cache=`` accepts everywhere in kappatune.
 CacheArg = Union[bool, None, str, bytes, "os.PathLike[str]", KappaCache]
+#: A result of step 3: κ (:class:`~kappatune.kappa.KappaResult`) or SNR (:class:`~kappatune.kappa.SnrResult`).
+Result = Union[KappaResult, SnrResult]
 
 
 def resolve_cache(cache: CacheArg) -> Optional[KappaCache]:
@@ -188,6 +198,32 @@ def _result_from_entry(e: Mapping[str, Any]) -> KappaResult:
                        None if pm is None else tuple(float(v) for v in pm))
 
 
+def _snr_from_entry(e: Mapping[str, Any]) -> SnrResult:
+    pm = e.get("per_matrix")
+
+    def part(x: Any) -> float:
+        return math.nan if x is None else float(x)
+
+    return SnrResult(float(e["snr"]), float(e["sigma_max"]), part(e.get("signal")), part(e.get("noise")),
+                     part(e.get("threshold")), str(e["layout"]), None if pm is None else tuple(float(v) for v in pm))
+
+
+def _kappa_fields(res: KappaResult) -> Dict[str, Any]:
+    return dict(kappa=res.kappa, sigma_max=res.sigma_max, sigma_min=res.sigma_min, layout=res.layout,
+                per_matrix=res.per_matrix)
+
+
+def _snr_fields(res: SnrResult) -> Dict[str, Any]:
+    return dict(snr=res.snr, sigma_max=res.sigma_max, signal=res.signal, noise=res.noise, threshold=res.threshold,
+                layout=res.layout, per_matrix=res.per_matrix)
+
+
+def _ops(score: str) -> "_ScoreOps":
+    if score not in _OPS:
+        raise ValueError(f"score must be one of {', '.join(map(repr, _OPS))}, got {score!r}")
+    return _OPS[score]
+
+
 @dataclass
 class Looked:
     """One eligible ref after step 2.
@@ -199,19 +235,22 @@ class Looked:
 
     ref: TensorRef
     digest: Optional[str]
-    cached: Optional[KappaResult]
+    cached: Optional[Result]
     tensor: Optional[torch.Tensor] = None
 
 
-def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute: bool = False
-           ) -> Iterator[Looked]:
+def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute: bool = False,
+           score: str = "kappa") -> Iterator[Looked]:
     """Step 2: the cached κ of each ref, by content digest, lazily (one tensor in hand at a time).
 
     Args:
         refs (Iterable[TensorRef]): eligible refs.
         cache (Optional[KappaCache]): the cache (``None``: every ref is missing, nothing is digested).
         recompute (bool): digest but ignore cached values (default ``False``).
+        score (str): ``"kappa"`` (default) or ``"snr"``: which entries to look up (each score has
+            keys of its own).
     """
+    ops = _ops(score)
     for ref in refs:
         if cache is None:
             yield Looked(ref, None, None)
@@ -222,10 +261,10 @@ def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute:
         else:
             tensor = load_tensor(ref)
             digest = tensor_digest(tensor)
-        hit = None if recompute else cache.get(KappaCache.key(digest, ref.resolved_layout), shape=ref.shape,
+        hit = None if recompute else cache.get(KappaCache.key(digest, ref.resolved_layout, score), shape=ref.shape,
                                                dtype=ref.dtype)
         if hit is not None:
-            yield Looked(ref, digest, _result_from_entry(hit))
+            yield Looked(ref, digest, ops.from_entry(hit))
         else:
             yield Looked(ref, digest, None, tensor)
 
@@ -234,6 +273,28 @@ def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute:
 def _kappa_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> KappaResult:
     t = tensor if tensor is not None else load_tensor(ref)
     return kappa_of(t, name=ref.name, layout=ref.layout)  # type: ignore[arg-type]
+
+
+def _snr_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> SnrResult:
+    t = tensor if tensor is not None else load_tensor(ref)
+    return snr_of(t, name=ref.name, layout=ref.layout)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _ScoreOps:
+    """How the pipeline computes and caches one score (:data:`kappatune.selection.SCORES`)."""
+
+    result: type       # KappaResult or SnrResult
+    compute: Any       # (ref, tensor or None) -> result
+    from_entry: Any    # decoded cache entry -> result
+    fields: Any        # result -> fields of KappaCache.put_many
+
+
+# compute looks the function up when called (so that it can be wrapped, as the tests do with _kappa_of)
+_OPS: Dict[str, _ScoreOps] = {
+    "kappa": _ScoreOps(KappaResult, lambda ref, t=None: _kappa_of(ref, t), _result_from_entry, _kappa_fields),
+    "snr": _ScoreOps(SnrResult, lambda ref, t=None: _snr_of(ref, t), _snr_from_entry, _snr_fields),
+}
 
 
 def resolve_workers(num_workers: Optional[int] = None) -> int:
@@ -275,9 +336,9 @@ def _blas_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Optional[int] = None
-                  ) -> Dict[str, KappaResult]:
-    """Step 3 in one process: κ of every item without a cached result.
+def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Optional[int] = None,
+                  score: str = "kappa") -> Dict[str, Result]:
+    """Step 3 in one process: κ (or the SNR) of every item without a cached result.
 
     With one worker the tensors are analysed one at a time, numpy's BLAS using torch's thread count. With
     ``w > 1`` workers, ``w`` tensors are analysed at once by a thread pool (the linear algebra
@@ -290,17 +351,19 @@ def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Opti
             advance ``bar``).
         bar: a ``tqdm`` bar to advance per tensor (default ``None``).
         num_workers (Optional[int]): tensors analysed at once (default ``None``: :func:`resolve_workers`).
+        score (str): ``"kappa"`` (default) or ``"snr"``.
 
     Returns:
         name → result of the computed items, in the order of ``items``.
     """
     workers = resolve_workers(num_workers)
-    out: Dict[str, KappaResult] = {}
+    compute = _ops(score).compute
+    out: Dict[str, Result] = {}
     if workers == 1:
         with _blas_threads(max(1, torch.get_num_threads())):  # numpy's BLAS follows torch's setting
             for it in items:
                 if it.cached is None:
-                    out[it.ref.name] = _kappa_of(it.ref, it.tensor)
+                    out[it.ref.name] = compute(it.ref, it.tensor)
                     it.tensor = None
                 if bar is not None:
                     bar.update(1)
@@ -323,7 +386,7 @@ def compute_local(items: Iterable[Looked], *, bar: Any = None, num_workers: Opti
             in_flight = 0
             for it in items:
                 if it.cached is None:
-                    pending.append((it.ref.name, pool.submit(_kappa_of, it.ref, it.tensor)))
+                    pending.append((it.ref.name, pool.submit(compute, it.ref, it.tensor)))
                     it.tensor = None
                     in_flight += 1
                 else:
@@ -354,14 +417,14 @@ def _shard(names_costs: List[Tuple[str, int]], world: int) -> Dict[str, int]:
     return owner
 
 
-def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult], *, bar: Any = None,
-                    num_workers: Optional[int] = None) -> Dict[str, KappaResult]:
+def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, Result], *, bar: Any = None,
+                    num_workers: Optional[int] = None, score: str = "kappa") -> Dict[str, Result]:
     """Step 3 over the ranks of the default process group: each rank computes its share.
 
     Every rank passes the refs it misses and the results it ``known`` (e.g. from its cache);
     the union of the missing ones is split by cost (longest first), each rank computes (or takes
     from ``known``) its share, and the results are gathered, so every rank returns κ of every
-    ref any rank missed. ``num_workers`` as :func:`compute_local`, within each rank.
+    ref any rank missed. ``num_workers`` and ``score`` as :func:`compute_local`, within each rank.
 
     Raises:
         RuntimeError: a rank was assigned a tensor it does not have (the ranks scan different models).
@@ -383,13 +446,14 @@ def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult],
                            "must scan the same set of tensors (scan before sharding the model with FSDP)")
     computed = {n: known[n] for n in mine if n in known}
     computed.update(compute_local((Looked(by_name[n], None, None) for n in mine if n not in known), bar=bar,
-                                  num_workers=num_workers))
+                                  num_workers=num_workers, score=score))
     gathered = [None] * world
     dist.all_gather_object(gathered, {n: dataclasses.astuple(r) for n, r in computed.items()})
-    out: Dict[str, KappaResult] = {}
+    result = _ops(score).result
+    out: Dict[str, Result] = {}
     for part in gathered:
         for name, vals in part.items():
-            out.setdefault(name, KappaResult(*vals))
+            out.setdefault(name, result(*vals))
     lost = [r.name for r in refs if r.name not in out]
     if lost:
         raise RuntimeError(f"distributed κ scan lost results for {lost[:3]}")
@@ -397,48 +461,66 @@ def compute_sharded(refs: Sequence[TensorRef], known: Mapping[str, KappaResult],
 
 
 # -- 4. store --------------------------------------------------------------------------------
-def store(cache: Optional[KappaCache], refs: Sequence[TensorRef], results: Mapping[str, KappaResult],
-          digests: Mapping[str, str], *, write: bool = True) -> int:
+def store(cache: Optional[KappaCache], refs: Sequence[TensorRef], results: Mapping[str, Result],
+          digests: Mapping[str, str], *, write: bool = True, score: str = "kappa") -> int:
     """Step 4: record the ``results`` of ``refs`` under their digests; returns how many were recorded.
 
     Args:
         cache (Optional[KappaCache]): the cache (``None``: nothing happens).
         refs (Sequence[TensorRef]): the refs whose results are new (computed, or recomputed).
-        results (Mapping[str, KappaResult]): name → result.
+        results (Mapping[str, Result]): name → result.
         digests (Mapping[str, str]): name → content digest (from :func:`lookup`).
         write (bool): write the file (default ``True``; under a process group only rank 0 does).
+        score (str): ``"kappa"`` (default) or ``"snr"``: the score of ``results`` (its own keys).
     """
+    ops = _ops(score)
     if cache is None:
         return 0
     for ref in refs:
         res = results[ref.name]
-        cache.put(KappaCache.key(digests[ref.name], res.layout), kappa=res.kappa, sigma_max=res.sigma_max,
-                  sigma_min=res.sigma_min, shape=ref.shape, dtype=ref.dtype, layout=res.layout,
-                  per_matrix=res.per_matrix, name=ref.name)
+        cache.put_many({KappaCache.key(digests[ref.name], res.layout, score): dict(
+            ops.fields(res), shape=ref.shape, dtype=ref.dtype, name=ref.name)})
     if write and refs:
         cache.save()
     return len(refs)
 
 
 # -- 5. table --------------------------------------------------------------------------------
-def aggregate_kappa(res: KappaResult, aggregate: str = "mean") -> float:
-    """κ of a result: the value itself, or the ``"mean"``/``"max"`` over the matrices of a stack."""
+def aggregate_kappa(res: Result, aggregate: str = "mean") -> float:
+    """κ (or the SNR) of a result: the value itself, or the ``"mean"``/``"max"`` over the matrices of a stack."""
     if res.per_matrix is None:
-        return res.kappa
+        return res.kappa if isinstance(res, KappaResult) else res.snr
     return max(res.per_matrix) if aggregate == "max" else sum(res.per_matrix) / len(res.per_matrix)
 
 
-def build_table(refs: Sequence[TensorRef], results: Mapping[str, KappaResult], digests: Mapping[str, str],
-                skipped: Mapping[str, str], *, aggregate: str = "mean") -> KappaTable:
-    """Step 5: the :class:`KappaTable` of ``refs`` (lowest κ first) with the ``skipped`` reasons."""
+def build_table(refs: Sequence[TensorRef], results: Mapping[str, Result], digests: Mapping[str, str],
+                skipped: Mapping[str, str], *, aggregate: str = "mean", score: str = "kappa") -> KappaTable:
+    """Step 5: the :class:`KappaTable` of ``refs`` (best first) with the ``skipped`` reasons.
+
+    Args:
+        refs (Sequence[TensorRef]): the eligible refs.
+        results (Mapping[str, Result]): name → result.
+        digests (Mapping[str, str]): name → content digest.
+        skipped (Mapping[str, str]): name → why it was not analysed.
+        aggregate (str): ``"mean"`` (default) or ``"max"`` over the matrices of a stack.
+        score (str): ``"kappa"`` (default: entries hold κ, lowest first) or ``"snr"`` (entries hold
+            the SNR, ``kappa`` NaN, highest first).
+    """
+    _ops(score)
     entries = []
     for ref in refs:
         res = results[ref.name]
-        entries.append(KappaEntry(
-            name=ref.name, kappa=aggregate_kappa(res, aggregate), shape=tuple(ref.shape),
-            numel=math.prod(ref.shape), dtype=ref.dtype, layout=res.layout, sigma_max=res.sigma_max,
-            sigma_min=res.sigma_min, per_matrix=res.per_matrix, digest=digests.get(ref.name)))
-    return KappaTable(entries, skipped)
+        if score == "kappa":
+            entries.append(KappaEntry(
+                name=ref.name, kappa=aggregate_kappa(res, aggregate), shape=tuple(ref.shape),
+                numel=math.prod(ref.shape), dtype=ref.dtype, layout=res.layout, sigma_max=res.sigma_max,
+                sigma_min=res.sigma_min, per_matrix=res.per_matrix, digest=digests.get(ref.name)))
+        else:
+            entries.append(KappaEntry(
+                name=ref.name, kappa=math.nan, shape=tuple(ref.shape), numel=math.prod(ref.shape), dtype=ref.dtype,
+                layout=res.layout, sigma_max=res.sigma_max, per_matrix=res.per_matrix, digest=digests.get(ref.name),
+                snr=aggregate_kappa(res, aggregate), score=score))
+    return KappaTable(entries, skipped, score=score)
 
 
 def _recording(items: Iterable[Looked], into: List[Looked]) -> Iterator[Looked]:
@@ -480,15 +562,17 @@ def scan(
     aggregate: str = "mean",
     progress: Optional[bool] = None,
     num_workers: Optional[int] = None,
+    score: str = "kappa",
 ) -> KappaTable:
-    """κ of every eligible weight of ``model``, as a :class:`KappaTable` (lowest κ first).
+    """κ (or Spectrum's SNR) of every eligible weight of ``model``, as a :class:`KappaTable`.
 
     Args:
         model (nn.Module or Mapping[str, Tensor]): a module (its ``named_parameters()``, tied
             weights once) or a state dict.
         min_ndim (int): tensors with fewer dimensions are skipped (default 2: biases and norms).
         max_dim (Optional[int]): skip tensors with a matrix side longer than this (default
-            ``None``; e.g. ``16384`` skips large embeddings, the costliest and usually least wanted).
+            ``None``; ``16384``, the quickstart's value and the command line's default, leaves out
+            large embeddings and LM heads).
         include (None, str or sequence of str): regexes (``re.search``) a name must match one of
             (default ``None``: all).
         exclude (None, str or sequence of str): regexes no name may match (default ``None``).
@@ -504,10 +588,19 @@ def scan(
             ``OMP_NUM_THREADS`` / the cores); ``1`` analyses one at a time with the BLAS threads as
             set. With several workers the table is bit for bit a serial scan with one BLAS thread
             (``torch.set_num_threads(1)``); other thread counts may change the last bits (~1e-15).
+        score (str): ``"kappa"`` (default): κ = σ_max/σ_min (:func:`kappatune.kappa.kappa_of`), the
+            table lowest κ first; ``"snr"``: Spectrum's signal-to-noise ratio of the singular values
+            (:func:`kappatune.kappa.snr_of`), the table highest SNR first (entries' ``snr``; their
+            ``kappa`` is NaN). Both are cached by content under keys of their own.
 
     Raises:
         ValueError: an invalid argument, or a tensor with NaN/Inf values or without data (meta),
             named in the message.
+
+    Example::
+
+        >>> snr = kappatune.scan(model, score="snr", max_dim=16384)
+        >>> names = snr.select(top_fraction=0.25, group_by="kind")   # highest SNR per kind
     """
     if isinstance(model, nn.Module):
         from .distributed import check_wrapped_model
@@ -520,7 +613,7 @@ def scan(
         raise TypeError(f"scan expects an nn.Module or a mapping of name -> tensor, got {type(model).__name__}")
     return scan_refs(refs, min_ndim=min_ndim, max_dim=max_dim, include=include, exclude=exclude,
                      cache=cache, recompute=recompute, aggregate=aggregate, progress=progress,
-                     num_workers=num_workers)
+                     num_workers=num_workers, score=score)
 
 
 def scan_refs(
@@ -535,11 +628,14 @@ def scan_refs(
     aggregate: str = "mean",
     progress: Optional[bool] = None,
     num_workers: Optional[int] = None,
+    score: str = "kappa",
 ) -> KappaTable:
     """:func:`scan` over :class:`TensorRef` objects (a checkpoint's, or any loader's); same arguments."""
     if aggregate not in ("mean", "max"):
         raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
     resolve_workers(num_workers)  # a bad value fails before any work
+    _ops(score)  # a bad score fails before any work
+    what = SCORES[score].symbol
     names = NameFilter(include, exclude)
     cache_ = resolve_cache(cache)
     rank, world = rank_and_world()
@@ -547,33 +643,34 @@ def scan_refs(
     t0 = time.perf_counter()
 
     eligible, skipped = filter_refs(refs, min_ndim=min_ndim, max_dim=max_dim, names=names)
-    bar = _progress(len(eligible), progress if rank == 0 else False, "κ scan")
+    bar = _progress(len(eligible), progress if rank == 0 else False, f"{what} scan")
     try:
         if distributed:  # every rank digests its tensors, then the ranks share out the missing ones
-            looked = [dataclasses.replace(it, tensor=None) for it in lookup(eligible, cache_, recompute=recompute)]
+            looked = [dataclasses.replace(it, tensor=None)
+                      for it in lookup(eligible, cache_, recompute=recompute, score=score)]
             cached = {it.ref.name: it.cached for it in looked if it.cached is not None}
             if bar is not None:
                 bar.update(len(cached))
             new = compute_sharded([it.ref for it in looked if it.cached is None], cached, bar=bar,
-                                  num_workers=num_workers)
+                                  num_workers=num_workers, score=score)
         else:
             looked = []
-            new = compute_local(_recording(lookup(eligible, cache_, recompute=recompute), looked), bar=bar,
-                                num_workers=num_workers)
+            new = compute_local(_recording(lookup(eligible, cache_, recompute=recompute, score=score), looked),
+                                bar=bar, num_workers=num_workers, score=score)
     finally:
         if bar is not None:
             bar.close()
     digests = {it.ref.name: it.digest for it in looked if it.digest is not None}
     results = {**{it.ref.name: it.cached for it in looked if it.cached is not None}, **new}
     missing = [it.ref for it in looked if it.cached is None]
-    store(cache_, missing, results, digests, write=rank == 0)
-    table = build_table(eligible, results, digests, skipped, aggregate=aggregate)
+    store(cache_, missing, results, digests, write=rank == 0, score=score)
+    table = build_table(eligible, results, digests, skipped, aggregate=aggregate, score=score)
     if distributed:
         table = _broadcast_table(table)
 
     reasons = Counter(skipped.values())
     logger.info(
-        "κ scan: %d tensors analysed (%d from cache, %d computed%s) in %.2fs; %d skipped%s",
+        "%s scan: %d tensors analysed (%d from cache, %d computed%s) in %.2fs; %d skipped%s", what,
         len(eligible), len(eligible) - len(missing), len(missing),
         f" over {world} ranks" if distributed else "", time.perf_counter() - t0, len(skipped),
         (" (" + ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items())) + ")") if reasons else "",

@@ -1,22 +1,33 @@
 """The κ table and the selection policies.
 
-A :class:`KappaTable` holds one :class:`KappaEntry` per analysed tensor, ordered lowest κ first
-(ties broken by name, ``inf`` last). :meth:`KappaTable.select` turns it into a list of names with
-exactly one policy:
+A :class:`KappaTable` holds one :class:`KappaEntry` per analysed tensor, ordered best first by the
+table's :class:`Score` (ties broken by name, unknown values last):
 
-* ``num_tensors=k``: the ``k`` lowest-κ tensors;
-* ``top_fraction=f``: the lowest-κ ``ceil(f · N)`` of the ``N`` tensors;
-* ``param_budget=b``: walking from the lowest κ up, every tensor that still fits in a budget of
+* ``"kappa"`` (:func:`kappatune.scan`'s default): the condition number
+  :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}`, **lowest first** (``inf`` last);
+* ``"snr"`` (``kappatune.scan(model, score="snr")``): Spectrum's signal-to-noise ratio
+  (:func:`kappatune.kappa.snr_of`), **highest first**, as Spectrum ranks matrices.
+
+:meth:`KappaTable.select` turns a table into a list of names with exactly one policy; "best" is the
+table's order, so the same policy selects the lowest-κ tensors of a κ table and the highest-SNR
+tensors of an SNR table:
+
+* ``num_tensors=k``: the ``k`` best tensors;
+* ``top_fraction=f``: the best ``ceil(f · N)`` of the ``N`` tensors;
+* ``param_budget=b``: walking from the best down, every tensor that still fits in a budget of
   ``b`` parameters (a float ``0 < b <= 1``: a fraction of the eligible parameters; an int: a count);
-* ``max_kappa=t``: every tensor with ``κ <= t``.
+* ``max_kappa=t``: every tensor with ``κ <= t`` (κ tables only).
 
 ``group_by="kind"`` (q_proj, up_proj, …) or ``"layer"`` applies the policy within each group, so a
 budget is spread over the module kinds (as Spectrum does per layer type) instead of being taken by
-the kind whose matrices happen to be best conditioned.
+the kind whose matrices happen to score best. A ``param_budget`` over groups is filled kind by kind
+(:class:`SelectionPolicy`): each group's proportional share first, then what is left round-robin.
 
 Example::
 
     >>> names = table.select(param_budget=0.05, group_by="kind")
+    >>> snr = kappatune.scan(model, score="snr")
+    >>> names = snr.select(top_fraction=0.25, group_by="kind")   # Spectrum's top quarter per kind
     >>> handle = kappatune.freeze_all_but(model, names)
     >>> ...  # train
     >>> handle.restore()
@@ -24,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
@@ -34,7 +46,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from torch import nn
 
 __all__ = ["KappaEntry", "KappaTable", "SelectionPolicy", "NameFilter", "FreezeHandle", "freeze_all_but",
-           "module_kind", "layer_index", "compile_patterns", "kappa_sort_key"]
+           "module_kind", "layer_index", "compile_patterns", "kappa_sort_key", "Score", "SCORES"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +75,57 @@ def layer_index(name: str) -> Optional[int]:
 
 
 @dataclass(frozen=True)
+class Score:
+    """A per-tensor score a :class:`KappaTable` is ordered and selected by.
+
+    Args:
+        name (str): the :class:`KappaEntry` field holding it (``"kappa"``, ``"snr"``).
+        symbol (str): how tables and messages write it (``"κ"``, ``"SNR"``).
+        higher_first (bool): ``True``: the highest value ranks first (SNR); ``False``: the lowest (κ).
+        description (str): one line on what it measures.
+
+    The registered scores are in :data:`SCORES`.
+    """
+
+    name: str
+    symbol: str
+    higher_first: bool
+    description: str
+
+    def key(self, value: float) -> float:
+        """An ascending sort key: best first, NaN (unknown) last, like ``inf`` for κ.
+
+        Args:
+            value (float): a value of this score.
+        """
+        if math.isnan(value):
+            return math.inf
+        return -value if self.higher_first else value
+
+
+SCORES: Dict[str, Score] = {
+    "kappa": Score("kappa", "κ", False, "condition number σ_max/σ_min; lowest first"),
+    "snr": Score("snr", "SNR", True, "Spectrum's signal-to-noise ratio of the singular values; highest first"),
+}
+"""The scores a table can hold, by name: ``"kappa"`` (lowest first) and ``"snr"`` (highest first)."""
+
+
+def _score(name: str, arg: str = "score") -> Score:
+    try:
+        return SCORES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"{arg} must be one of {', '.join(map(repr, SCORES))}, got {name!r}") from None
+
+
+@dataclass(frozen=True)
 class KappaEntry:
-    """κ of one tensor. ``per_matrix`` holds the per-expert values of a stacked 3-D parameter."""
+    """One analysed tensor and its score.
+
+    ``score`` names the field the entry is ranked by (:data:`SCORES`): ``"kappa"`` (``kappa``
+    holds κ) or ``"snr"`` (``snr`` holds Spectrum's SNR and ``kappa`` is NaN: an SNR scan does not
+    compute κ). ``per_matrix`` holds the per-matrix values of that score for a stacked 3-D
+    parameter (one per expert).
+    """
 
     name: str
     kappa: float
@@ -76,9 +137,19 @@ class KappaEntry:
     sigma_min: float = float("nan")
     per_matrix: Optional[Tuple[float, ...]] = None
     digest: Optional[str] = None
+    snr: float = float("nan")
+    score: str = "kappa"
+
+    def __post_init__(self) -> None:
+        _score(self.score)
 
     def __float__(self) -> float:
-        return float(self.kappa)
+        return float(self.value)
+
+    @property
+    def value(self) -> float:
+        """The value of the entry's score (κ, or the SNR)."""
+        return float(getattr(self, self.score))
 
     @property
     def kind(self) -> str:
@@ -94,13 +165,16 @@ class KappaEntry:
         def enc(x: float) -> Any:
             return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else x)
 
-        return {
+        d = {
             "name": self.name, "kappa": enc(self.kappa), "shape": list(self.shape), "numel": self.numel,
             "dtype": self.dtype, "layout": self.layout, "sigma_max": enc(self.sigma_max),
             "sigma_min": enc(self.sigma_min),
             "per_matrix": None if self.per_matrix is None else [enc(v) for v in self.per_matrix],
             "digest": self.digest,
         }
+        if self.score != "kappa" or not math.isnan(self.snr):  # a κ entry is written as before
+            d.update(snr=enc(self.snr), score=self.score)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KappaEntry":
@@ -110,6 +184,7 @@ class KappaEntry:
             numel=int(d["numel"]), dtype=str(d.get("dtype", "")), layout=str(d.get("layout", "matrix")),
             sigma_max=float(d.get("sigma_max", "nan")), sigma_min=float(d.get("sigma_min", "nan")),
             per_matrix=None if pm is None else tuple(float(v) for v in pm), digest=d.get("digest"),
+            snr=float(d.get("snr", "nan")), score=str(d.get("score", "kappa")),
         )
 
 
@@ -119,7 +194,7 @@ def kappa_sort_key(kappa: float) -> float:
 
 
 def _sort_key(e: KappaEntry) -> Tuple[float, str]:
-    return (kappa_sort_key(e.kappa), e.name)
+    return (SCORES[e.score].key(e.value), e.name)
 
 
 GroupBy = Union[None, str, Callable[[str], Any]]
@@ -127,13 +202,32 @@ Patterns = Union[None, str, Sequence[str]]
 
 
 class KappaTable(Sequence[KappaEntry]):
-    """κ of every analysed tensor, lowest κ first (ties by name). Indexable by position or name.
+    """The score of every analysed tensor, best first (ties by name). Indexable by position or name.
 
-    ``skipped`` maps each parameter that was not analysed to the reason (``"ndim<2"``,
-    ``"max_dim"``, ``"excluded"``, ``"not included"``, …).
+    Args:
+        entries (Iterable[KappaEntry]): one per tensor, all of one score.
+        skipped (Optional[Mapping[str, str]]): each parameter that was not analysed and why
+            (``"ndim<2"``, ``"max_dim"``, ``"excluded"``, ``"not included"``, …). Default: ``None``.
+        score (Optional[str]): the score the table ranks by (:data:`SCORES`). Default: ``None``:
+            that of the entries, ``"kappa"`` for none.
+
+    A κ table (``kappatune.scan(model)``) is ordered lowest κ first, an SNR table
+    (``kappatune.scan(model, score="snr")``) highest SNR first (:attr:`score`); every policy of
+    :meth:`select` takes the table's best first.
+
+    Raises:
+        ValueError: a name given twice, entries of several scores, or entries of another score than
+            ``score``.
     """
 
-    def __init__(self, entries: Iterable[KappaEntry], skipped: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, entries: Iterable[KappaEntry], skipped: Optional[Mapping[str, str]] = None, *,
+                 score: Optional[str] = None) -> None:
+        entries = list(entries)
+        kinds = sorted({e.score for e in entries})
+        if len(kinds) > 1 or (score is not None and kinds and kinds != [score]):
+            raise ValueError(f"a table holds one score: got entries of {', '.join(map(repr, kinds))}"
+                             + (f" for score={score!r}" if score is not None else ""))
+        self._score: Score = _score(score if score is not None else (kinds[0] if kinds else "kappa"))
         self._entries: List[KappaEntry] = sorted(entries, key=_sort_key)
         self._by_name: Dict[str, KappaEntry] = {}
         for e in self._entries:
@@ -141,6 +235,11 @@ class KappaTable(Sequence[KappaEntry]):
                 raise ValueError(f"duplicate tensor name in κ table: {e.name!r}")
             self._by_name[e.name] = e
         self.skipped: Dict[str, str] = dict(skipped or {})
+
+    @property
+    def score(self) -> Score:
+        """The :class:`Score` the table is ordered by (``table.score.name``: ``"kappa"`` or ``"snr"``)."""
+        return self._score
 
     # -- container -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -162,12 +261,18 @@ class KappaTable(Sequence[KappaEntry]):
 
     @property
     def names(self) -> List[str]:
-        """Names, lowest κ first."""
+        """Names, best first (lowest κ, or highest SNR)."""
         return [e.name for e in self._entries]
 
     @property
     def kappas(self) -> Dict[str, float]:
+        """``{name: κ}`` in table order (NaN in an SNR table)."""
         return {e.name: e.kappa for e in self._entries}
+
+    @property
+    def values(self) -> Dict[str, float]:
+        """``{name: value of the table's score}``, best first."""
+        return {e.name: e.value for e in self._entries}
 
     @property
     def total_numel(self) -> int:
@@ -176,36 +281,49 @@ class KappaTable(Sequence[KappaEntry]):
     def __repr__(self) -> str:
         if not self._entries:
             return f"KappaTable(0 tensors, {len(self.skipped)} skipped)"
-        finite = [e.kappa for e in self._entries if math.isfinite(e.kappa)]
-        rng = f"κ {finite[0]:.4g} … {finite[-1]:.4g}, median {statistics.median(finite):.4g}" if finite else "κ all inf"
+        sym = self._score.symbol
+        finite = [e.value for e in self._entries if math.isfinite(e.value)]
+        rng = (f"{sym} {finite[0]:.4g} … {finite[-1]:.4g}, median {statistics.median(finite):.4g}" if finite
+               else f"{sym} all inf")
+        if self._score.higher_first:
+            rng += " (highest first)"
         n_inf = len(self._entries) - len(finite)
-        inf = f", {n_inf} rank-deficient" if n_inf else ""
+        inf = f", {n_inf} {'rank-deficient' if self._score.name == 'kappa' else 'infinite'}" if n_inf else ""
         return (f"KappaTable({len(self)} tensors, {self.total_numel:,} params, {rng}{inf}, "
                 f"{len(self.skipped)} skipped)")
 
     def format(self, top: Optional[int] = None, selected: Iterable[str] = ()) -> str:
-        """A plain-text table: rank, name, shape, params, κ, selected."""
+        """A plain-text table: rank, name, shape, params, the score (κ or SNR), selected.
+
+        Args:
+            top (Optional[int]): only the first ``top`` rows. Default: ``None`` (all).
+            selected (Iterable[str]): names marked ``*``. Default: none.
+        """
         sel = set(selected)
         rows = self._entries if top is None else self._entries[:top]
         w = max([len(e.name) for e in rows] + [4])
-        lines = [f"{'rank':>4}  {'name':<{w}}  {'shape':<16}  {'params':>12}  {'kappa':>11}  sel"]
+        lines = [f"{'rank':>4}  {'name':<{w}}  {'shape':<16}  {'params':>12}  {self._score.name:>11}  sel"]
         for i, e in enumerate(rows, 1):
             shape = "x".join(map(str, e.shape))
-            lines.append(f"{i:>4}  {e.name:<{w}}  {shape:<16}  {e.numel:>12,}  {e.kappa:>11.5g}  "
+            lines.append(f"{i:>4}  {e.name:<{w}}  {shape:<16}  {e.numel:>12,}  {e.value:>11.5g}  "
                          f"{'*' if e.name in sel else ''}")
         return "\n".join(lines)
 
     # -- serialisation -----------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return {"entries": [e.to_dict() for e in self._entries], "skipped": dict(self.skipped)}
+        d: Dict[str, Any] = {"entries": [e.to_dict() for e in self._entries], "skipped": dict(self.skipped)}
+        if self._score.name != "kappa":  # a κ table is written as before
+            d["score"] = self._score.name
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KappaTable":
-        return cls([KappaEntry.from_dict(e) for e in d["entries"]], d.get("skipped") or {})
+        return cls([KappaEntry.from_dict(e) for e in d["entries"]], d.get("skipped") or {},
+                   score=d.get("score"))
 
     def subset(self, names: Iterable[str]) -> "KappaTable":
-        """A table of only ``names`` (each must be present)."""
-        return KappaTable([self[n] for n in names])
+        """A table of only ``names`` (each must be present), of the same score."""
+        return KappaTable([self[n] for n in names], score=self._score.name)
 
     # -- selection ---------------------------------------------------------------------
     def select(
@@ -220,27 +338,33 @@ class KappaTable(Sequence[KappaEntry]):
         exclude: Patterns = None,
         group_by: GroupBy = None,
     ) -> List[str]:
-        """Names chosen by exactly one policy, lowest κ first (see the module docstring).
+        """Names chosen by exactly one policy, best first (see the module docstring).
+
+        "Best" is the table's order (:attr:`score`): lowest κ in a κ table, highest SNR in an SNR
+        table.
 
         Args:
             policy (Optional[SelectionPolicy]): a prepared policy (default ``None``: built from
                 the keyword arguments below, which must then name exactly one policy).
-            num_tensors (Optional[int]): the ``k`` lowest-κ tensors (default ``None``; see
+            num_tensors (Optional[int]): the ``k`` best tensors (default ``None``; see
                 :class:`SelectionPolicy` for every policy).
-            top_fraction (Optional[float]): the lowest-κ ``ceil(f · N)`` of the ``N``
+            top_fraction (Optional[float]): the best ``ceil(f · N)`` of the ``N``
                 candidates (default ``None``).
             param_budget (Optional[Union[int, float]]): a parameter budget, a fraction
                 ``0 < b <= 1`` of the candidates' parameters or a count (default ``None``).
-            max_kappa (Optional[float]): every tensor with ``κ <= t`` (default ``None``).
+            max_kappa (Optional[float]): every tensor with ``κ <= t``; κ tables only (default
+                ``None``).
             include (None, str or sequence of str): regexes (``re.search`` on the name) a
                 candidate must match (see :class:`NameFilter`; default ``None``).
             exclude (None, str or sequence of str): regexes that leave a candidate out
                 (default ``None``).
             group_by (None, str or Callable[[str], Any]): apply the policy per ``"kind"``, per
-                ``"layer"`` or per key of a callable (default ``None``).
+                ``"layer"`` or per key of a callable (default ``None``); a ``param_budget`` is then
+                filled group by group (:class:`SelectionPolicy`).
 
         Raises:
-            ValueError: no policy or several, an invalid value, or nothing selectable.
+            ValueError: no policy or several, an invalid value, ``max_kappa`` on a table of
+                another score, or nothing selectable.
         """
         if policy is None:
             policy = SelectionPolicy(num_tensors=num_tensors, top_fraction=top_fraction,
@@ -355,18 +479,36 @@ class NameFilter:
 class SelectionPolicy:
     """Which tensors of a :class:`KappaTable` to train: exactly one policy, optionally per group.
 
+    Every policy walks the table best first: lowest κ in a κ table, highest SNR in an SNR table
+    (:attr:`KappaTable.score`).
+
     Args:
-        num_tensors (Optional[int]): the ``k`` lowest-κ tensors (default ``None``).
-        top_fraction (Optional[float]): the lowest-κ ``ceil(f · N)`` of the ``N`` candidates,
+        num_tensors (Optional[int]): the ``k`` best tensors (default ``None``).
+        top_fraction (Optional[float]): the best ``ceil(f · N)`` of the ``N`` candidates,
             ``0 < f <= 1`` (default ``None``).
-        param_budget (Optional[Union[int, float]]): walking from the lowest κ up, every tensor
+        param_budget (Optional[Union[int, float]]): walking from the best down, every tensor
             that still fits in ``b`` parameters: a float ``0 < b <= 1`` is a fraction of the
             candidates' parameters, a whole number ``>= 1`` a count (default ``None``).
-        max_kappa (Optional[float]): every tensor with ``κ <= t`` (default ``None``).
+        max_kappa (Optional[float]): every tensor with ``κ <= t``; κ tables only (default ``None``).
         group_by (None, ``"kind"``, ``"layer"`` or Callable[[str], Any]): apply the policy within
             each module kind, each layer, or each key of a callable ``name -> key`` (default ``None``:
-            over all candidates at once). An absolute ``param_budget`` is split over the groups in
-            proportion to their size.
+            over all candidates at once).
+
+    A ``param_budget`` with ``group_by`` is filled group by group. Let :math:`B` be the whole
+    budget (:math:`b` times the candidates' parameters :math:`P` for a fraction, :math:`b` for a
+    count) and :math:`P_g` the parameters of group :math:`g`:
+
+    1. **shares**: each group walks its own tensors best first and keeps every one that fits in
+       its share :math:`B\\,P_g / P` (for a fraction, :math:`b\\,P_g`: the same fraction of every
+       group);
+    2. **fill**: what is left of :math:`B` is filled round-robin. In each round every group that
+       has tensors left, in the order of its best remaining tensor (ties by that tensor's name),
+       drops the remaining tensors that no longer fit and adds its best one that does; rounds
+       repeat until no group can add one.
+
+    So a budget below one tensor per group's share does not select nothing: every group is offered
+    its best tensor in turn (``select(param_budget=b, group_by="kind")`` then takes the best tensor
+    of as many kinds as fit). The selection never exceeds :math:`B`.
 
     Raises:
         ValueError: at construction, for no policy or several, an invalid value or ``group_by``.
@@ -422,13 +564,21 @@ class SelectionPolicy:
         return {self.name: self.value, "group_by": gb if gb is None or isinstance(gb, str) else repr(gb)}
 
     def apply(self, table: "KappaTable", names: Optional[NameFilter] = None) -> List[str]:
-        """The names this policy selects from ``table`` (candidates passing ``names``), lowest κ first.
+        """The names this policy selects from ``table`` (candidates passing ``names``), best first.
+
+        Args:
+            table (KappaTable): the candidates, in the order of their score.
+            names (Optional[NameFilter]): include/exclude patterns (default ``None``: every name).
 
         Raises:
-            ValueError: when nothing is selectable, saying why.
+            ValueError: ``max_kappa`` on a table of another score, or nothing selectable, saying why.
         """
         policy, value, group_by = self.name, self.value, self.group_by
         names = names if names is not None else NameFilter()
+        if policy == "max_kappa" and table.score.name != "kappa":
+            raise ValueError(f"max_kappa= is a κ threshold, but this table holds {table.score.symbol} "
+                             f"(scan(..., score={table.score.name!r})); use num_tensors=, top_fraction= or "
+                             "param_budget=, or a κ table")
         cands = [e for e in table if names(e.name)]
         if not cands:
             raise ValueError(
@@ -447,17 +597,17 @@ class SelectionPolicy:
         chosen: List[KappaEntry] = []
         for members in groups.values():
             chosen.extend(_apply(policy, value, members, total, grouped=group_by is not None))
+        if policy == "param_budget" and group_by is not None:
+            chosen = _fill_round_robin(list(groups.values()), chosen, _budget(value, total))
         if not chosen:
             if policy == "max_kappa":
                 raise ValueError(f"nothing selectable: no tensor has κ <= {value:g} "
                                  f"(lowest κ is {cands[0].kappa:.4g} for {cands[0].name!r})")
             smallest = min(cands, key=lambda e: e.numel)
-            where = (f" within each group of group_by={group_by!r} (the budget is split over the groups; "
-                     "raise it or drop group_by)") if group_by is not None else ""
             raise ValueError(f"nothing selectable: param_budget={value!r} is smaller than the smallest "
-                             f"eligible tensor{where} (smallest: {smallest.name!r}, {smallest.numel:,} params)")
-        chosen.sort(key=_sort_key)
-        return [e.name for e in chosen]
+                             f"eligible tensor (smallest: {smallest.name!r}, {smallest.numel:,} params)")
+        taken = {e.name for e in chosen}
+        return [e.name for e in table if e.name in taken]  # the table's order: best first
 
 
 def _group_key(group_by: GroupBy) -> Callable[[str], Any]:
@@ -482,7 +632,7 @@ def _apply(policy: str, value: Any, members: List[KappaEntry], total: int, group
         return [e for e in members if e.kappa <= value]
     # param_budget
     group_total = sum(e.numel for e in members)
-    if isinstance(value, float) and value <= 1:  # a fraction of the eligible parameters
+    if _is_fraction(value):  # a fraction of the eligible parameters
         budget = value * group_total
     else:  # an absolute count, split over groups in proportion to their size
         budget = value * group_total / total if grouped else value
@@ -497,6 +647,40 @@ def _apply(policy: str, value: Any, members: List[KappaEntry], total: int, group
             out.append(e)
             used += e.numel
     return out
+
+
+def _is_fraction(value: Union[int, float]) -> bool:
+    """Whether a ``param_budget`` is a fraction of the eligible parameters (else a count)."""
+    return isinstance(value, float) and value <= 1
+
+
+def _budget(value: Union[int, float], total: int) -> float:
+    """The whole budget in parameters: ``b · total`` for a fraction, ``b`` for a count."""
+    return value * total if _is_fraction(value) else value
+
+
+def _fill_round_robin(groups: List[List[KappaEntry]], chosen: List[KappaEntry], budget: float
+                      ) -> List[KappaEntry]:
+    """Step 2 of a grouped ``param_budget`` (:class:`SelectionPolicy`): fill what ``chosen`` leaves of
+    ``budget`` round-robin over ``groups`` (each best first). In each round every group with tensors
+    left, ordered by its best remaining tensor (ties by name), drops the ones that no longer fit and
+    adds the best one that does; rounds repeat until no group adds one."""
+    taken = {e.name for e in chosen}
+    used = sum(e.numel for e in chosen)
+    out = list(chosen)
+    queues = [collections.deque(e for e in members if e.name not in taken) for members in groups]
+    while True:
+        added = False
+        for q in sorted((q for q in queues if q), key=lambda q: _sort_key(q[0])):
+            while q and used + q[0].numel > budget:  # the budget only shrinks: it never fits later
+                q.popleft()
+            if q:
+                e = q.popleft()
+                out.append(e)
+                used += e.numel
+                added = True
+        if not added:
+            return out
 
 
 class FreezeHandle:

@@ -178,3 +178,162 @@ def test_table_rejects_duplicate_names():
     e = KappaEntry("a", 1.0, (2, 2), 4, "float32")
     with pytest.raises(ValueError, match="duplicate"):
         KappaTable([e, e])
+
+
+# -- Spectrum's SNR through the same pipeline and cache -------------------------------------------
+def ref_snr(t):
+    """Spectrum's SNR written out from its definition (arXiv 2406.06623; cognitivecomputations/spectrum)."""
+    w = t.detach().double().reshape(t.shape[0], -1).numpy()
+    s = np.linalg.svd(w, compute_uv=False)
+    q75, q25 = np.percentile(s, 75), np.percentile(s, 25)
+    m, n = w.shape
+    tau = (q75 - q25) / 1.349 * (1 + math.sqrt(min(m, n) / max(m, n)))
+    noise = s[s <= tau].sum() if (s <= tau).any() else 1.0
+    return math.inf if noise == 0 else s[s > tau].sum() / noise / s[0]
+
+
+def test_snr_scan_follows_spectrum_and_ranks_highest_first(tiny_llama):
+    params = dict(tiny_llama.named_parameters())
+    kappa = kappatune.scan(tiny_llama, cache=None, progress=False)
+    snr = kappatune.scan(tiny_llama, cache=None, progress=False, score="snr")
+    assert snr.score.name == "snr" and kappa.score.name == "kappa"
+    assert set(snr.names) == set(kappa.names) and snr.skipped == kappa.skipped    # the same filters
+    vals = [e.snr for e in snr]
+    assert vals == sorted(vals, reverse=True) and snr.names != kappa.names
+    for e in snr:
+        assert e.score == "snr" and math.isnan(e.kappa) and e.sigma_max > 0
+        assert e.snr == pytest.approx(ref_snr(params[e.name]), rel=1e-9)
+    # known spectra: IQR 0 → every σ is signal and the noise sum is 1 (as Spectrum): (10 + 4) / 1 / 10;
+    # σ = (5, 0, 0, 0) exactly: noise sum 0 → inf (first); all zero → 0 (last)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(20, 5, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    known = (u @ torch.diag(torch.tensor([10.0, 1, 1, 1, 1], dtype=torch.float64)) @ v.T).T.contiguous()
+    single = torch.zeros(6, 4)
+    single[2, 1] = 5.0
+    t = kappatune.scan({"known.weight": known, "rank1.weight": single, "zero.weight": torch.zeros(3, 5)},
+                       cache=None, progress=False, score="snr")
+    assert t.names == ["rank1.weight", "known.weight", "zero.weight"]
+    assert t["known.weight"].snr == pytest.approx(1.4, rel=1e-12) and t["rank1.weight"].snr == math.inf
+    assert t["zero.weight"].snr == 0.0
+    # scale: SNR(c·W) = SNR(W) / c, also for magnitudes whose squares would overflow
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    s1 = kappatune.kappa.snr_of(w).snr
+    assert kappatune.kappa.snr_of(3 * w).snr == pytest.approx(s1 / 3, rel=1e-12)
+    assert kappatune.kappa.snr_of(w * 1e200).snr * 1e200 == pytest.approx(s1, rel=1e-12)
+    with pytest.raises(ValueError, match="bad.weight: weight holds 1 NaN"):
+        kappatune.scan({"bad.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}, cache=None,
+                       progress=False, score="snr")
+    with pytest.raises(ValueError, match="score must be one of 'kappa', 'snr'"):
+        kappatune.scan(tiny_llama, cache=None, progress=False, score="SNR")
+
+
+def test_snr_of_a_stack_is_per_matrix():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 12, 20, generator=g)
+    t = kappatune.scan({"experts.w": w}, cache=None, progress=False, score="snr")
+    e = t["experts.w"]
+    per = [ref_snr(w[i]) for i in range(3)]
+    assert e.layout == "stack" and e.per_matrix == pytest.approx(per, rel=1e-9)
+    assert e.snr == pytest.approx(sum(per) / 3, rel=1e-9)
+    mx = kappatune.scan({"experts.w": w}, cache=None, progress=False, score="snr", aggregate="max")
+    assert mx["experts.w"].snr == pytest.approx(max(per), rel=1e-9)
+
+
+def test_kappa_and_snr_share_the_cache_without_ever_mixing(tiny_llama, tmp_path):
+    import json
+
+    from kappatune.cache import InvalidEntry, KappaCache, validate_entry
+
+    path = tmp_path / "c"
+    c = KappaCache(path)
+    kappa = kappatune.scan(tiny_llama, cache=c, progress=False)
+    n = len(kappa)
+    assert (c.hits, c.misses) == (0, n)
+    c = KappaCache(path)
+    snr = kappatune.scan(tiny_llama, cache=c, progress=False, score="snr")
+    assert (c.hits, c.misses) == (0, n)                  # κ entries are never taken for SNR ones
+    keys = set(KappaCache(path).keys())
+    assert len(keys) == 2 * n and sum(k.endswith("|matrix|snr") for k in keys) == n
+    c = KappaCache(path)
+    again = kappatune.scan(tiny_llama, cache=c, progress=False, score="snr")
+    assert (c.hits, c.misses) == (n, 0) and again.to_dict() == snr.to_dict()
+    c = KappaCache(path)
+    assert kappatune.scan(tiny_llama, cache=c, progress=False).to_dict() == kappa.to_dict() and c.hits == n
+    # a κ entry under an SNR key (or the reverse) is refused, and so is an SNR that its parts contradict
+    e = kappa[0]
+    kkey = KappaCache.key(e.digest, "matrix")
+    skey = KappaCache.key(e.digest, "matrix", "snr")
+    assert skey == kkey + "|snr"
+    store = KappaCache(path)
+    k_entry, s_entry = store._raw_many([kkey])[kkey], store._raw_many([skey])[skey]
+    assert "score" not in k_entry and s_entry["score"] == "snr"           # κ records are written as before
+    validate_entry(k_entry, kkey) and validate_entry(s_entry, skey)
+    with pytest.raises(InvalidEntry, match="a κ entry under an SNR key"):
+        validate_entry(k_entry, skey)
+    with pytest.raises(InvalidEntry, match="an SNR entry under a κ key"):
+        validate_entry(s_entry, kkey)
+    with pytest.raises(InvalidEntry, match="snr .* but signal/noise/sigma_max"):
+        validate_entry({**s_entry, "snr": s_entry["snr"] * 2}, skey)
+    # a tampered SNR row is recomputed, never used
+    import sqlite3
+
+    con = sqlite3.connect(path / "kappa_cache.sqlite")
+    con.execute("UPDATE entries SET entry = ? WHERE key = ?",
+                (json.dumps({**s_entry, "snr": s_entry["snr"] * 2}), skey))
+    con.commit()
+    con.close()
+    c = KappaCache(path)
+    fresh = kappatune.scan(tiny_llama, cache=c, progress=False, score="snr")
+    assert (c.hits, c.misses) == (n - 1, 1) and fresh[e.name].snr == snr[e.name].snr
+
+
+def test_a_cache_file_from_before_the_scores_is_read_as_it_is(tiny_llama, tmp_path):
+    import json
+
+    from kappatune.cache import CACHE_FORMAT, KappaCache, tensor_digest
+
+    params = dict(tiny_llama.named_parameters())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = params[name].detach()
+    s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    old = {"format": CACHE_FORMAT, "schema_version": 1, "entries": {
+        f"{tensor_digest(w)}|matrix": {"kappa": float(s[0] / s[-1]), "sigma_max": float(s[0]),
+                                      "sigma_min": float(s[-1]), "shape": list(w.shape), "dtype": "float32",
+                                      "layout": "matrix", "per_matrix": None, "name": name}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    c = KappaCache(path)
+    t = kappatune.scan(tiny_llama, cache=c, progress=False, include="q_proj")
+    assert c.hits == 1 and t[name].kappa == float(s[0] / s[-1])
+    c = KappaCache(path)
+    kappatune.scan(tiny_llama, cache=c, progress=False, include="q_proj", score="snr")
+    assert c.hits == 0                                  # a κ entry is not an SNR
+    data = json.loads(path.read_text())
+    assert data["entries"][f"{tensor_digest(w)}|matrix"] == old["entries"][f"{tensor_digest(w)}|matrix"]
+    assert sum(k.endswith("|snr") for k in data["entries"]) == 2
+
+
+def test_sharded_snr_step_and_broadcast_keep_the_score(tmp_path):
+    import importlib
+
+    import torch.distributed as dist
+
+    from kappatune.kappa import SnrResult
+
+    scan_mod = importlib.import_module("kappatune.scan")
+    g = torch.Generator().manual_seed(2)
+    sd = {"a.weight": torch.randn(12, 20, generator=g), "b.weight": torch.randn(9, 7, generator=g),
+          "experts.w": torch.randn(2, 6, 5, generator=g)}
+    refs = scan_mod.state_dict_refs(sd)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        got = scan_mod.compute_sharded(refs, {}, score="snr", num_workers=2)
+        local = scan_mod.compute_local((scan_mod.Looked(r, None, None) for r in refs), score="snr", num_workers=2)
+        assert {n: repr(v) for n, v in got.items()} == {n: repr(v) for n, v in local.items()}   # NaN-safe
+        assert set(got) == set(sd) and all(isinstance(v, SnrResult) for v in got.values())
+        table = kappatune.scan(sd, cache=None, progress=False, score="snr")
+        back = scan_mod._broadcast_table(table)
+        assert back.score.name == "snr" and back.to_dict() == table.to_dict()
+    finally:
+        dist.destroy_process_group()

@@ -102,8 +102,11 @@ def test_nothing_selectable_errors(table):
         table.select(max_kappa=0.5)
     with pytest.raises(ValueError, match="smaller than the smallest eligible tensor"):
         table.select(param_budget=10)
-    with pytest.raises(ValueError, match="within each group"):
-        table.select(param_budget=0.05, group_by="layer")   # 27 of 550 per layer: no tensor fits
+    # 27 of 550 parameters per layer hold no tensor: the budget is filled round-robin over the layers (issue 21)
+    assert table.select(param_budget=0.05, group_by="layer") == ["model.layers.0.self_attn.v_proj.weight",
+                                                                  "model.layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(ValueError, match="smaller than the smallest eligible tensor"):
+        table.select(param_budget=10, group_by="layer")
     with pytest.raises(ValueError, match="none of the 12 tensors.*include"):
         table.select(num_tensors=1, include="does_not_exist")
     with pytest.raises(ValueError, match="analysed no tensor"):
@@ -143,3 +146,107 @@ def test_freeze_accepts_tied_alias():
     model = nn.ModuleDict({"emb": emb, "head": head})
     kappatune.freeze_all_but(model, ["head.weight"])
     assert emb.weight.requires_grad
+
+
+# -- scores: an SNR table ranks highest first -------------------------------------------------------
+def snr_entry(name, snr, numel=100):
+    return KappaEntry(name=name, kappa=math.nan, shape=(numel // 10, 10), numel=numel, dtype="float32", snr=snr,
+                      score="snr")
+
+
+@pytest.fixture
+def snr_table():
+    es = []
+    for layer in range(4):
+        es += [snr_entry(f"model.layers.{layer}.self_attn.q_proj.weight", 1.0 + layer, 100),
+               snr_entry(f"model.layers.{layer}.self_attn.v_proj.weight", 10.0 + layer, 50),
+               snr_entry(f"model.layers.{layer}.mlp.up_proj.weight", 0.1 * (layer + 1), 400)]
+    return KappaTable(es)
+
+
+def test_an_snr_table_is_ordered_and_selected_highest_first(snr_table):
+    t = snr_table
+    assert t.score.name == "snr" and t.score.higher_first and kappatune.selection.SCORES["kappa"].higher_first is False
+    vals = [e.snr for e in t]
+    assert vals == sorted(vals, reverse=True) and t.names[0] == "model.layers.3.self_attn.v_proj.weight"
+    assert list(t.values.values()) == vals and all(math.isnan(k) for k in t.kappas.values())
+    assert float(t[0]) == 13.0                                   # an entry's value is its score
+    assert t.select(num_tensors=2) == ["model.layers.3.self_attn.v_proj.weight",
+                                       "model.layers.2.self_attn.v_proj.weight"]
+    # Spectrum's rule: the highest-SNR share of each kind, best first overall
+    sel = t.select(top_fraction=0.25, group_by="kind")
+    assert sel == ["model.layers.3.self_attn.v_proj.weight", "model.layers.3.self_attn.q_proj.weight",
+                   "model.layers.3.mlp.up_proj.weight"]
+    sel = t.select(top_fraction=0.5, group_by="kind")
+    assert sorted(sel) == sorted(f"model.layers.{i}.{k}" for i in (2, 3) for k in
+                                 ("self_attn.v_proj.weight", "self_attn.q_proj.weight", "mlp.up_proj.weight"))
+    assert t.select(param_budget=200) == [f"model.layers.{i}.self_attn.v_proj.weight" for i in (3, 2, 1, 0)]
+    with pytest.raises(ValueError, match=r"max_kappa= is a κ threshold, but this table holds SNR"):
+        t.select(max_kappa=10.0)
+    # a higher SNR of +inf ranks first, an unknown (NaN) last
+    u = KappaTable([snr_entry("a", 2.0), snr_entry("b", math.inf), snr_entry("c", math.nan), snr_entry("d", 0.0)])
+    assert u.names == ["b", "a", "d", "c"]
+    assert "SNR" in repr(u) and "highest first" in repr(u) and "snr" in u.format().splitlines()[0]
+
+
+def test_a_table_holds_one_score_and_keeps_it(snr_table):
+    with pytest.raises(ValueError, match="a table holds one score"):
+        KappaTable([entry("a", 2.0), snr_entry("b", 1.0)])
+    with pytest.raises(ValueError, match="a table holds one score"):
+        KappaTable([entry("a", 2.0)], score="snr")
+    with pytest.raises(ValueError, match="score must be one of"):
+        snr_entry("a", 1.0).__class__(name="a", kappa=1.0, shape=(2, 2), numel=4, dtype="f", score="rank")
+    back = KappaTable.from_dict(snr_table.to_dict())
+    assert back.score.name == "snr" and back.names == snr_table.names and back.to_dict() == snr_table.to_dict()
+    assert snr_table.subset(snr_table.names[:2]).score.name == "snr"
+    assert KappaTable([], score="snr").score.name == "snr" and KappaTable([]).score.name == "kappa"
+    # a κ table and its entries serialise exactly as before the scores existed
+    k = KappaTable([entry("a", 2.0)])
+    assert set(k.to_dict()) == {"entries", "skipped"} and "score" not in k.to_dict()["entries"][0]
+    assert "snr" not in k.to_dict()["entries"][0]
+
+
+# -- a parameter budget over groups: shares, then the rest round-robin ------------------------------
+def test_grouped_budget_below_one_tensor_per_share_is_filled_round_robin():
+    es = []
+    for kind, base in (("a_proj", 1.0), ("b_proj", 2.0), ("c_proj", 3.0)):
+        es += [entry(f"model.layers.{i}.{kind}.weight", base + 10 * i, 100) for i in range(4)]
+    t = KappaTable(es)        # 12 tensors of 100: each kind's share of 250 is 83, below one tensor
+    # round 1: the kinds in the order of their best tensor (κ 1, 2, 3) each add it while it fits
+    assert t.select(param_budget=250, group_by="kind") == ["model.layers.0.a_proj.weight",
+                                                            "model.layers.0.b_proj.weight"]
+    assert t.select(param_budget=300, group_by="kind") == ["model.layers.0.a_proj.weight",
+                                                            "model.layers.0.b_proj.weight",
+                                                            "model.layers.0.c_proj.weight"]
+    # a fraction: 0.1 of 1200 = 120, one tensor (the best overall), not "nothing selectable"
+    assert t.select(param_budget=0.1, group_by="kind") == ["model.layers.0.a_proj.weight"]
+    # the same rule for an SNR table: each kind offers its highest-SNR tensor in turn
+    s = KappaTable([snr_entry(e.name, e.kappa, e.numel) for e in es])   # best SNR: layer 3, c_proj first
+    assert s.select(param_budget=250, group_by="kind") == ["model.layers.3.c_proj.weight",
+                                                            "model.layers.3.b_proj.weight"]
+    # a budget below every tensor still says why
+    with pytest.raises(ValueError, match="smaller than the smallest eligible tensor"):
+        t.select(param_budget=99, group_by="kind")
+
+
+def test_grouped_budget_fills_what_the_shares_leave(table):
+    # shares of 1300: q_proj 236 (2 × 100), v_proj 118 (2 × 50), up_proj 945 (2 × 400): 1100 used;
+    # the 200 left go round-robin: up_proj's next (400) no longer fits, v_proj 2 and q_proj 2, then v_proj 3
+    sel = table.select(param_budget=1300, group_by="kind")
+    want = {f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)} | \
+        {f"model.layers.{i}.self_attn.v_proj.weight" for i in range(4)} | \
+        {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1, 2)}
+    assert set(sel) == want and len(sel) == len(want)
+    assert sum(table[n].numel for n in sel) == 1300
+    assert [table[n].kappa for n in sel] == sorted(table[n].kappa for n in sel)      # best first
+    # never above the budget, and each kind's tensors are a best-first prefix of that kind
+    for b in (60, 150, 333, 777, 1234, 2199):
+        for gb in ("kind", "layer"):
+            got = table.select(param_budget=b, group_by=gb)
+            assert sum(table[n].numel for n in got) <= b
+    for b in (150, 777, 1234):
+        got = table.select(param_budget=b, group_by="kind")
+        for kind in ("q_proj", "v_proj", "up_proj"):
+            of_kind = [n for n in table.names if module_kind(n) == kind]
+            took = [n for n in got if module_kind(n) == kind]
+            assert took == of_kind[:len(took)]

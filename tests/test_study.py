@@ -633,3 +633,46 @@ def test_an_evidence_grade_study_links_its_preregistration_and_gives_verdicts(in
     rows = [ln for ln in md.splitlines() if ln.startswith("| level:") or ln.startswith("| area")]
     assert rows and all(("no difference detected" in r) or ("**random_kind forgets" in r) or
                         ("not enough paired seeds" in r) for r in rows)
+
+
+def test_spectrum_arm_takes_the_highest_snr_of_each_kind_at_kappa_lows_count(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    import kappatune
+    from kappatune.cache import KappaCache
+    from kappatune.selection import module_kind
+    from kappatune.study.arms import kinds_of, selections
+
+    model = make_tiny_llama(layers=4)
+    params = dict(model.named_parameters())
+    table = kappatune.scan(model, cache=False, exclude=sc.EMBEDDINGS, progress=False)
+    arm = sc.parse_arm("spectrum")
+    assert arm.kind == "spectrum" and arm.selective
+    cfg = sc.StudyConfig(arms=(sc.parse_arm("kappa_low"), arm, sc.parse_arm("spectrum+decay")),
+                         budget={"top_fraction": 0.25}, seeds=(0, 1)).resolved()
+    sel = selections(cfg, table, model, cache=KappaCache(tmp_path / "cache"))
+
+    def snr_of(name):  # Spectrum's SNR from its definition, in float64
+        s = np.linalg.svd(params[name].detach().double().numpy(), compute_uv=False)
+        m, n = params[name].shape
+        tau = (np.percentile(s, 75) - np.percentile(s, 25)) / 1.349 * (1 + math.sqrt(min(m, n) / max(m, n)))
+        return s[s > tau].sum() / (s[s <= tau].sum() if (s <= tau).any() else 1.0) / s[0]
+
+    snr = {n: snr_of(n) for n in table.names}
+    assert sel["snr"].keys() == snr.keys() and all(sel["snr"][n] == pytest.approx(v, rel=1e-9) for n, v in snr.items())
+    count = sel["reference_params"]
+    want = kappatune.scan(model, cache=False, exclude=sc.EMBEDDINGS, progress=False, score="snr").select(
+        param_budget=count, group_by="kind")
+    for s in ("0", "1"):
+        a = sel["arms"][s]["spectrum"]
+        assert a["names"] == want == sel["arms"][s]["spectrum+decay"]["names"]      # the same on every seed
+        assert 0 < a["params"] <= count and "Spectrum" in a["rule"]
+        for k, c in kinds_of(a["names"]).items():       # each kind: its highest-SNR tensors
+            of_kind = sorted((n for n in table.names if module_kind(n) == k), key=lambda n: -snr[n])
+            assert sorted(n for n in a["names"] if module_kind(n) == k) == sorted(of_kind[:c])
+    assert len(kinds_of(sel["arms"]["0"]["spectrum"]["names"])) >= 3      # spread over the kinds
+    assert sum(k.endswith("|snr") for k in KappaCache(tmp_path / "cache").keys()) == len(table)   # the κ cache
+    # a budget whose share of every kind is below one tensor still selects (round-robin over the kinds)
+    small = sc.StudyConfig(arms=(arm,), budget={"num_tensors": 1}, seeds=(0,)).resolved()
+    one = selections(small, table, model)["arms"]["0"]["spectrum"]
+    assert one["names"] and one["params"] <= table[table.names[0]].numel

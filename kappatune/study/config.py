@@ -19,7 +19,8 @@ run with ``kappatune study --study FILE``.
 Arms (:class:`Arm`) are written ``KIND[+OPTION]...``: ``kappa_low`` (the library's selection at the
 budget), ``kappa_high`` (highest κ, κ-low's parameter count), ``random`` (random tensors, κ-low's
 parameter count), ``random_kind`` (random tensors of κ-low's module kinds, in its counts),
-``kappa_low_kind`` (the budget's policy applied within each module kind), ``names=FILE`` (the
+``kappa_low_kind`` (the budget's policy applied within each module kind), ``spectrum`` (Spectrum's
+SNR, highest first within each module kind, κ-low's parameter count), ``names=FILE`` (the
 parameter names in ``FILE``, one per line), ``lora`` (PEFT LoRA at κ-low's parameter count) and
 ``full`` (every parameter). Options: ``+decay`` (``decay_to_init`` over the arm's λ grid),
 ``+wd=X`` (AdamW weight decay), ``+cosine`` (cosine LR schedule). Each arm runs every point of its grid
@@ -48,9 +49,10 @@ __all__ = ["StudyConfig", "Arm", "StudyConfigError", "ARM_KINDS", "SELECTIVE_KIN
 FORMAT = "kappatune-study"
 VERSION = 1
 
-ARM_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind", "names", "lora", "full")
+ARM_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind", "spectrum", "names", "lora",
+             "full")
 """Every kind of arm (see the module docstring)."""
-SELECTIVE_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind", "names")
+SELECTIVE_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind", "spectrum", "names")
 """Arms that train whole tensors chosen from the κ table."""
 DEFAULT_LRS: Dict[str, Tuple[float, ...]] = {"selective": (2.5e-4, 5e-4, 1e-3), "lora": (2.5e-4, 5e-4, 1e-3),
                                              "full": (3e-6, 1e-5, 3e-5)}
