@@ -681,3 +681,17 @@ def test_spectrum_arm_takes_the_highest_snr_of_each_kind_at_kappa_lows_count(tmp
     small = sc.StudyConfig(arms=(arm,), budget={"num_tensors": 1}, seeds=(0,)).resolved()
     one = selections(small, table, model)["arms"]["0"]["spectrum"]
     assert one["names"] and one["params"] <= table[table.names[0]].numel
+
+
+def test_the_spectrum_arm_uses_the_studys_score_cache(inputs, tmp_path, capsys):
+    from kappatune.cache import KappaCache
+
+    argv = [a for a in _args(inputs, tmp_path / "out", "--max-runs", "1") if a != "--no-kappa-cache"]
+    i = argv.index("--arms")
+    argv[i + 1:i + 4] = ["kappa_low", "spectrum"]
+    argv[argv.index("--lrs") + 1:argv.index("--lrs") + 4] = ["kappa_low=1e-2", "spectrum=1e-2"]
+    argv[argv.index("--blend"):argv.index("--blend") + 4] = []
+    rc, _, err = _run([*argv, "--kappa-cache", str(tmp_path / "cache")], capsys)
+    assert rc == 0, err
+    keys = list(KappaCache(tmp_path / "cache").keys())
+    assert any(k.endswith("|snr") for k in keys) and any(not k.endswith("|snr") for k in keys)

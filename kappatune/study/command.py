@@ -583,7 +583,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str
             out(f"{e['n']} run(s) left, all held by other workers: this worker stops")
 
     res = run_study(folder, cfg, model, data, table, device, run_fps, on_event=on_event, progress=args.progress,
-                    max_runs=args.max_runs)
+                    max_runs=args.max_runs, cache=cache)
     from .report import write_report
 
     man = folder.manifest() or {}

@@ -436,7 +436,7 @@ def _check_fp(what: str, fps: Mapping[str, str]) -> Callable[[Any], Optional[str
 
 def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: StudyData, table: Any, device: Any,
               fingerprints: Mapping[str, str], on_event: Event = lambda e: None, progress: Optional[bool] = None,
-              max_runs: Optional[int] = None, heartbeat_s: float = 15.0) -> Dict[str, Any]:
+              max_runs: Optional[int] = None, heartbeat_s: float = 15.0, cache: Any = False) -> Dict[str, Any]:
     """Run every planned run not yet in ``folder`` (resumable; several workers may share it).
 
     ``folder`` must have been checked (:meth:`ResultsFolder.check`) and created. The base losses and
@@ -461,6 +461,8 @@ def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: St
         progress (bool, optional): a tqdm bar per run (``None``: only on a terminal). Default: ``None``.
         max_runs (int, optional): stop after this many new runs. Default: ``None`` (all).
         heartbeat_s (float, optional): seconds between heartbeats of a claim. Default: ``15``.
+        cache (KappaCache or bool, optional): the score cache for the selections that scan again
+            (the ``spectrum`` arm's SNR). Default: ``False`` (none).
 
     Returns:
         dict: ``{"new": [run ids trained here], "left": runs not finished, "held": runs others hold}``.
@@ -485,7 +487,7 @@ def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: St
     if sp.exists():
         sel = folder.read_checked("selections.json", chk)
     else:
-        s = selections(cfg, table, base_model)
+        s = selections(cfg, table, base_model, cache=cache)
         s.update({f"{k}_fingerprint": fps[k] for k in ("settings", "model", "data")})
         sel = folder.write_once("selections.json", s, chk)
     on_event({"event": "selections", "selections": sel})
