@@ -26,7 +26,7 @@ Usage::
 the bundled SmolLM2-135M-Instruct GGUF). ``--task/--control/--task2``: plain text (documents separated
 by blank lines), JSONL (``--text-field``, default ``text``) or JSON; defaults KJV verses, Wikipedia
 summaries, the interpreter's standard library source (offline). ``--tiny`` runs the harness on a tiny
-config-built model with synthetic data (the test). The v1 benchmark is ``benchmarks/forgetting_v1.py``.
+config-built model with synthetic data (the test). The v1 harness was removed (history: commit 4335c7f).
 
 Outputs (``--out``, default ``benchmarks/results/forgetting_v2``): ``runs/<run>.json`` (one per
 finished run, with per-window losses, wall and CPU time), ``base.json``, ``selections.json`` (every
