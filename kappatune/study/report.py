@@ -498,8 +498,8 @@ def _curve_on(deltas: np.ndarray, pts: Sequence[Mapping[str, Any]], bt: float) -
 
 def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                 A: Mapping[str, Any]) -> List[Path]:
-    """``frontier.png`` (per arm: every run's curve, each seed's envelope, the mean envelope with the seed
-    band) and ``levels.png`` (Δcontrol on the envelope at each level, t-intervals over seeds; in
+    """``frontier.png`` (per arm: every run's curve, each seed's envelope, the mean envelope over seeds
+    where every seed reaches the level, with the band of the seeds' range) and ``levels.png`` (Δcontrol on the envelope at each level, t-intervals over seeds; in
     its second panel, the steps the envelope's run needs to reach each level). matplotlib is imported
     here."""
     import matplotlib
@@ -542,7 +542,10 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
             E = np.vstack(envs)
             with warnings.catch_warnings():                # levels no seed reaches: nan, not drawn
                 warnings.simplefilter("ignore", RuntimeWarning)
-                mean, lo, hi = np.nanmean(E, 0), np.nanmin(E, 0), np.nanmax(E, 0)
+                lo, hi = np.nanmin(E, 0), np.nanmax(E, 0)
+                # the mean only where every seed's envelope reaches the level: a mean over whichever seeds
+                # remain would jump where one stops; the band still shows the levels some seeds reach
+                mean = np.where(np.isnan(E).any(0), np.nan, np.nanmean(E, 0))
             for a_ in (ax, overlay):
                 a_.plot(deltas, mean, "-", color=col if a_ is overlay else "k", lw=2.0,
                         label=f"{arm} envelope" if a_ is overlay else "mean envelope")
@@ -560,7 +563,7 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
             ax.legend(fontsize=6)
     for ax in flat[n:]:
         ax.set_visible(False)
-    overlay.set_title("every arm: mean envelope over seeds, band = seed range", fontsize=9)
+    overlay.set_title("every arm: mean envelope over seeds (where all reach), band = seed range", fontsize=9)
     fig.suptitle(f"{cfg.title}: learning–forgetting frontiers", fontsize=10)
     fig.tight_layout()
     p = out / "frontier.png"
