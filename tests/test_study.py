@@ -695,3 +695,25 @@ def test_the_spectrum_arm_uses_the_studys_score_cache(inputs, tmp_path, capsys):
     assert rc == 0, err
     keys = list(KappaCache(tmp_path / "cache").keys())
     assert any(k.endswith("|snr") for k in keys) and any(not k.endswith("|snr") for k in keys)
+
+
+def test_no_verdict_until_every_declared_seed_is_paired():
+    import dataclasses
+
+    import numpy as np
+
+    from kappatune.study import report
+
+    B = 400
+    cfg = dataclasses.replace(sc.default_config(), seeds=(0, 1, 2), levels=(0.25,), comparisons=(("a", "b"),),
+                              family=("area",), verdict_on="bootstrap")
+    rng = np.random.default_rng(0)
+
+    def values(seeds, shift):
+        return {"area": {s: shift + 0.001 * rng.standard_normal(B + 1) for s in seeds}}
+
+    two = report._compare(cfg, {"a": values((0, 1), 0.5), "b": values((0, 1), 0.0)}, B)["area|a/b"]
+    assert two["decision"] == 1 and two["verdict"] == 0 and two["incomplete"]
+    assert "incomplete (2 of the declared seeds)" in report._verdict_text(two, evidence=True)
+    three = report._compare(cfg, {"a": values((0, 1, 2), 0.5), "b": values((0, 1, 2), 0.0)}, B)["area|a/b"]
+    assert three["verdict"] == 1 and not three["incomplete"]

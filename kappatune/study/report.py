@@ -175,11 +175,14 @@ def _compare(cfg: StudyConfig, values: Mapping[str, Any], B: int) -> Dict[str, D
             dec_t = st.decide(r["t_ci95"], adj_t[k], cfg.alpha)
             verdict = (dec_b if cfg.verdict_on == "bootstrap" else dec_t if cfg.verdict_on == "t"
                        else (dec_b if dec_b == dec_t else 0))
+            incomplete = len(r.get("seeds") or ()) < len(cfg.seeds)  # a verdict needs every declared seed
+            if incomplete:
+                verdict = 0
             r.update(holm_group=g, holm_m=m, p_holm=adj[k], p_holm_mc_se=adj_se[k], t_p_holm=adj_t[k],
                      mde=st.mde(r["se"], z_a, z_p), mde_holm=st.mde(r["se"], z_h, z_p),
                      t_mde=st.mde_t(r["t_se"], r["t_df"], cfg.alpha), t_mde_holm=st.mde_t(r["t_se"], r["t_df"],
                                                                                           cfg.alpha / m),
-                     decision=dec_b, t_decision=dec_t, verdict=verdict)
+                     decision=dec_b, t_decision=dec_t, verdict=verdict, incomplete=incomplete)
     return res
 
 
@@ -246,6 +249,8 @@ def _verdict_text(c: Mapping[str, Any], evidence: bool) -> str:
         return "— (smoke test)"
     if c.get("mean_diff") is None or c.get("p_holm") is None:
         return "not enough paired seeds"
+    if c.get("incomplete"):
+        return f"incomplete ({len(c.get('seeds') or ())} of the declared seeds): no verdict"
     v = c["verdict"]
     if v == 0:
         extra = ""
