@@ -717,3 +717,23 @@ def test_no_verdict_until_every_declared_seed_is_paired():
     assert "incomplete (2 of the declared seeds)" in report._verdict_text(two, evidence=True)
     three = report._compare(cfg, {"a": values((0, 1, 2), 0.5), "b": values((0, 1, 2), 0.0)}, B)["area|a/b"]
     assert three["verdict"] == 1 and not three["incomplete"]
+
+
+def test_a_comparison_whose_bootstrap_drops_replicates_is_not_evaluable():
+    import dataclasses
+
+    import numpy as np
+
+    from kappatune.study import report
+
+    B = 400
+    cfg = dataclasses.replace(sc.default_config(), seeds=(0, 1, 2), levels=(0.25,), comparisons=(("a", "b"),),
+                              family=("area",), verdict_on="bootstrap")
+    rng = np.random.default_rng(1)
+    a = {s: 0.5 + 0.001 * rng.standard_normal(B + 1) for s in (0, 1, 2)}
+    a[2][1:B // 5] = np.nan  # seed 2 misses the level in a fifth of the window resamples
+    b = {s: 0.001 * rng.standard_normal(B + 1) for s in (0, 1, 2)}
+    r = report._compare(cfg, {"a": {"area": a}, "b": {"area": b}}, B)["area|a/b"]
+    assert r["decision"] == 1 and r["valid"] < report.MIN_VALID
+    assert r["verdict"] == 0 and r["not_evaluable"]
+    assert "not evaluable" in report._verdict_text(r, evidence=True)

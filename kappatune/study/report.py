@@ -146,6 +146,10 @@ def _endpoint_values(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], ba
     return out
 
 
+MIN_VALID = 0.95
+"""A comparison whose bootstrap keeps fewer replicates than this share is not evaluable (no verdict)."""
+
+
 def _compare(cfg: StudyConfig, values: Mapping[str, Any], B: int) -> Dict[str, Dict[str, Any]]:
     """Every declared comparison at every endpoint: ``{"endpoint|a/b": result}``."""
     res: Dict[str, Dict[str, Any]] = {}
@@ -176,13 +180,17 @@ def _compare(cfg: StudyConfig, values: Mapping[str, Any], B: int) -> Dict[str, D
             verdict = (dec_b if cfg.verdict_on == "bootstrap" else dec_t if cfg.verdict_on == "t"
                        else (dec_b if dec_b == dec_t else 0))
             incomplete = len(r.get("seeds") or ()) < len(cfg.seeds)  # a verdict needs every declared seed
-            if incomplete:
+            # a bootstrap that had to drop many replicates (a drawn seed missing the level) is conditioned on
+            # reaching it: not evaluable
+            unevaluable = r.get("valid") is not None and r["valid"] < MIN_VALID
+            if incomplete or unevaluable:
                 verdict = 0
             r.update(holm_group=g, holm_m=m, p_holm=adj[k], p_holm_mc_se=adj_se[k], t_p_holm=adj_t[k],
                      mde=st.mde(r["se"], z_a, z_p), mde_holm=st.mde(r["se"], z_h, z_p),
                      t_mde=st.mde_t(r["t_se"], r["t_df"], cfg.alpha), t_mde_holm=st.mde_t(r["t_se"], r["t_df"],
                                                                                           cfg.alpha / m),
-                     decision=dec_b, t_decision=dec_t, verdict=verdict, incomplete=incomplete)
+                     decision=dec_b, t_decision=dec_t, verdict=verdict, incomplete=incomplete,
+                     not_evaluable=unevaluable)
     return res
 
 
@@ -251,6 +259,9 @@ def _verdict_text(c: Mapping[str, Any], evidence: bool) -> str:
         return "not enough paired seeds"
     if c.get("incomplete"):
         return f"incomplete ({len(c.get('seeds') or ())} of the declared seeds): no verdict"
+    if c.get("not_evaluable"):
+        return (f"not evaluable: the bootstrap kept {100 * c['valid']:.0f} % of its replicates (< "
+                f"{100 * MIN_VALID:.0f} %: a drawn seed often misses the level)")
     v = c["verdict"]
     if v == 0:
         extra = ""
