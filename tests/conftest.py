@@ -30,6 +30,23 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int
 
 
 @pytest.fixture
+def count_computations(monkeypatch):
+    """Count κ computations done by scan (cache misses): the names passed to ``kappatune.scan.kappa_of``."""
+    import importlib
+
+    scan_mod = importlib.import_module("kappatune.scan")
+    calls = []
+    real = scan_mod.kappa_of
+
+    def counting(tensor, **kw):
+        calls.append(kw.get("name"))
+        return real(tensor, **kw)
+
+    monkeypatch.setattr(scan_mod, "kappa_of", counting)
+    return calls
+
+
+@pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
 

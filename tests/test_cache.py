@@ -24,7 +24,6 @@ from kappatune.cache import CACHE_FORMAT, SCHEMA_VERSION, KappaCache, default_ca
 
 from .conftest import make_tiny_llama
 
-scan_mod = importlib.import_module("kappatune.scan")
 cache_mod = importlib.import_module("kappatune.cache")
 
 STORES = ["folder", "json"]
@@ -65,18 +64,6 @@ def set_raw(tmp_path, store, key, text):
     con.close()
 
 
-@pytest.fixture
-def count_computations(monkeypatch):
-    """Count κ computations done by scan (cache misses)."""
-    calls = []
-    real = scan_mod.kappa_of
-
-    def counting(tensor, **kw):
-        calls.append(kw.get("name"))
-        return real(tensor, **kw)
-
-    monkeypatch.setattr(scan_mod, "kappa_of", counting)
-    return calls
 
 
 def n_eligible(model):

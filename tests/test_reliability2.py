@@ -16,7 +16,6 @@ execute it, so everything the child uses is imported before the fork).
 """
 
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -42,21 +41,9 @@ from kappatune.selection import SelectionPolicy
 
 from .conftest import make_tiny_llama
 
-scan_mod = importlib.import_module("kappatune.scan")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
-@pytest.fixture
-def count_computations(monkeypatch):
-    calls = []
-    real = scan_mod.kappa_of
-
-    def counting(tensor, **kw):
-        calls.append(kw.get("name"))
-        return real(tensor, **kw)
-
-    monkeypatch.setattr(scan_mod, "kappa_of", counting)
-    return calls
 
 
 def small_model(n=3, seed=0):
