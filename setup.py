@@ -38,7 +38,7 @@ setup(
     packages=find_packages(include=["kappatune", "kappatune.*"]),
     package_data={"kappatune": ["py.typed"]},  # PEP 561: the package ships its type hints
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy>=1.22", "xxhash>=3", "threadpoolctl>=3.1"],  # xxhash: the κ cache digest (kappatune.cache); threadpoolctl: one BLAS thread per scan worker (kappatune.scan)
+    install_requires=["torch>=2.1", "numpy>=1.22", "xxhash>=3", "filelock>=3.10", "threadpoolctl>=3.1"],  # xxhash: the κ cache digest, filelock: its lock file (kappatune.cache); threadpoolctl: one BLAS thread per scan worker (kappatune.scan)
     extras_require=extras,
     entry_points={"console_scripts": ["kappatune=kappatune.cli:main"]},
     classifiers=[

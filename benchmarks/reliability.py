@@ -27,14 +27,14 @@ Timed cases (issue 13):
 * **cache at scale**: a cache of ``--entries`` (default 100 000) entries; what a warm scan of a
   3-tensor model costs in the cache (open + 3 lookups + save with nothing new) and what adding 2
   entries costs (open + 2 misses + 2 puts + save), each in a fresh ``KappaCache``; before: the JSON
-  file of the earlier code; after: the SQLite store (folder) and, for reference, the ``.json`` store
-  of the current code. Also the end-to-end warm ``kappatune.scan`` of a 3-tensor model (digests
-  included) and the one-time import of the earlier JSON cache into SQLite.
+  file of the earlier code; after: the SQLite store (a folder) holding the same entries, written in
+  one save (timed too). Also the end-to-end warm ``kappatune.scan`` of a 3-tensor model (digests
+  included).
 * **checkpoint with many tensors**: one ``.safetensors`` file of ``--tensors`` (default 4000) small
   tensors: ``checkpoint_refs`` + ``load()`` of every tensor.
 * **CLI start-up**: ``python -m kappatune --help`` and an argument error, wall time of the process.
-* **digest**: GB/s of the old stdlib fallback (CRC-32 + Adler-32), the new one (BLAKE2b-128) and
-  xxHash3-128 on a 64 MiB tensor.
+* **digest**: GB/s of the stdlib fallbacks of earlier code (CRC-32 + Adler-32, then BLAKE2b-128)
+  and of xxHash3-128, the digest now, on a 64 MiB tensor.
 
 Usage::
 
@@ -127,14 +127,20 @@ SCAN_SNIPPET = textwrap.dedent("""
     print(json.dumps({"warm_scan": statistics.median(ts)}))
 """)
 
-IMPORT_SNIPPET = textwrap.dedent("""
-    import json, sys, time, logging, shutil
+FILL_SNIPPET = textwrap.dedent("""
+    import json, sys, time, logging
     logging.disable(logging.WARNING)
     from kappatune.cache import KappaCache
-    folder = sys.argv[1]
-    t0 = time.perf_counter(); c = KappaCache(folder); n = len(c); t = time.perf_counter() - t0
-    t0 = time.perf_counter(); c2 = KappaCache(folder); len(c2); t2 = time.perf_counter() - t0
-    print(json.dumps({"import": t, "entries": n, "after_import_open": t2}))
+    folder, n = sys.argv[1], int(sys.argv[2])
+    E = dict(kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=[64, 64], dtype="float32", layout="matrix")
+    t0 = time.perf_counter()
+    c = KappaCache(folder)
+    c.put_many({f"xxh3_128:{i:032x}|matrix": dict(E, name=f"model.layers.{i % 32}.mlp.up_proj.weight")
+                for i in range(n)})
+    assert c.save()
+    t = time.perf_counter() - t0
+    t0 = time.perf_counter(); c2 = KappaCache(folder); m = len(c2); t2 = time.perf_counter() - t0
+    print(json.dumps({"fill": t, "entries": m, "after_fill_open": t2}))
 """)
 
 CKPT_SNIPPET = textwrap.dedent("""
@@ -444,19 +450,15 @@ def _timing(args: argparse.Namespace, work: Path, old: Path, new: Path) -> dict:
     _write_json_cache(old_json, args.entries)
     size_mb = old_json.stat().st_size / 1e6
     before = _run(CACHE_SNIPPET, old, str(old_json), str(args.repeat), str(args.entries))
-    new_json = work / "newjson" / "kappa_cache.json"
-    _write_json_cache(new_json, args.entries)
-    after_json = _run(CACHE_SNIPPET, new, str(new_json), str(args.repeat), str(args.entries))
     folder = work / "sqlite"
-    _write_json_cache(folder / "kappa_cache.json", args.entries)  # imported once, on first use
-    imp = _run(IMPORT_SNIPPET, new, str(folder))
+    fill = _run(FILL_SNIPPET, new, str(folder), str(args.entries))  # the same entries, in one save
     after = _run(CACHE_SNIPPET, new, str(folder), str(args.repeat), str(args.entries))
     scan_after = _run(SCAN_SNIPPET, new, str(folder), str(args.repeat))
     old_scan_json = work / "old_scan" / "kappa_cache.json"
     _write_json_cache(old_scan_json, args.entries)
     scan_before = _run(SCAN_SNIPPET, old, str(old_scan_json.parent), str(args.repeat))
-    res["cache"] = {"json_mb": size_mb, "before_json": before, "after_sqlite": after, "after_json_store": after_json,
-                    "import": imp, "warm_scan_before": scan_before["warm_scan"],
+    res["cache"] = {"json_mb": size_mb, "before_json": before, "after_sqlite": after, "fill": fill,
+                    "warm_scan_before": scan_before["warm_scan"],
                     "warm_scan_after": scan_after["warm_scan"]}
 
     # -- checkpoint with many tensors -------------------------------------------------------
@@ -507,13 +509,19 @@ def _render_timing(res: dict) -> List[str]:
     lines = ["| what | before | after | before / after |", "|---|---:|---:|---:|"]
     for what, b, a in rows:
         lines.append(f"| {what} | {_secs(b)} | {_secs(a)} | {b / a:.1f}× |")
-    imp, aj = c["import"], c["after_json_store"]
-    lines += ["", f"The {n:,}-entry cache is {c['json_mb']:.1f} MB of JSON before; after, it is imported once "
-              f"into SQLite ({_secs(imp['import'])}; `len()` of a fresh `KappaCache` then takes "
-              f"{_secs(imp['after_import_open'])}). For reference, the current `.json` store (each entry validated "
-              f"when used, every one before a save rewrites the file): warm {_secs(aj['warm'])}, adding 2 entries "
-              f"{_secs(aj['add2'])}.",
-              "", "| digest (64 MiB tensor) | GB/s |", "|---|---:|"]
+    if "fill" in c:
+        fill = c["fill"]
+        lines += ["", f"The {n:,}-entry cache is {c['json_mb']:.1f} MB of JSON before; after, it is an SQLite "
+                  f"database written in one save ({_secs(fill['fill'])}; `len()` of a fresh `KappaCache` then "
+                  f"takes {_secs(fill['after_fill_open'])})."]
+    else:  # a results.json of a run when a .json store still existed (kept by --behaviour-only)
+        imp, aj = c["import"], c["after_json_store"]
+        lines += ["", f"The {n:,}-entry cache is {c['json_mb']:.1f} MB of JSON before; after, it is imported once "
+                  f"into SQLite ({_secs(imp['import'])}; `len()` of a fresh `KappaCache` then takes "
+                  f"{_secs(imp['after_import_open'])}). For reference, the `.json` store of that time (each entry "
+                  f"validated when used, every one before a save rewrites the file): warm {_secs(aj['warm'])}, "
+                  f"adding 2 entries {_secs(aj['add2'])}."]
+    lines += ["", "| digest (64 MiB tensor) | GB/s |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in dig.items()]
     m = res["machine"]
     return [

@@ -12,7 +12,7 @@ every method alike), each at **1 thread** and at the **default threads** (``--th
   PEFT's ``KappaTuneSelector`` (PEFT also adds 1e-8 to σ_min; left out here to time fp32 alone);
 * **kappatune** — ``kappatune.scan(model, max_dim=..., cache=None, progress=False)``; at 1 thread
   ``num_workers=1``, at the default threads ``num_workers=None`` (= the thread count: that many
-  tensors at once, one BLAS thread each; see kappatune/scan.py);
+  tensors at once, one BLAS thread each; see kappatune/pipeline.py);
 * **floor** — the least work any float64 method here does: upcast every tensor to float64
   (``W.double()``) and form its short-side Gram product (numpy ``x @ x.T``, BLAS dsyrk); at the
   default threads run the way kappatune runs (that many tensors at once, one BLAS thread each).
@@ -23,7 +23,7 @@ the ranking (names sorted by κ, ties by name) equals the float64 ranking.
 
 Then the cache (default threads): ``kappatune.scan(model, cache=<fresh dir>)`` once cold, then warm
 ``--repeats`` times (each warm call re-reads the cache file, as a new process would), and the
-digest cost alone (``kappatune.tensor_digest`` of every eligible tensor). The matrices that took
+digest cost alone (``kappatune.cache.tensor_digest`` of every eligible tensor). The matrices that took
 kappatune's QR path and its SVD last resort are counted by wrapping ``kappatune.kappa._qr_extremes``
 and ``kappatune.kappa._extremes_from_svdvals`` during the timed runs; per module kind by applying
 kappa.py's Gram criterion ½·sqrt(max(m, n))·ε·κ² > 1e-7 to the float64 κ.
@@ -69,8 +69,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import kappatune  # noqa: E402
+import kappatune.cache  # noqa: E402
 from kappatune import kappa as kappa_mod  # noqa: E402
-from kappatune.selection import module_kind  # noqa: E402
+from kappatune.refs import module_kind  # noqa: E402
 from results_io import machine_info, write_results  # noqa: E402
 
 MAX_DIM = 16384
@@ -252,7 +253,7 @@ def bench_model(label: str, model: torch.nn.Module, repeats: int, default_thread
         f"max_dim={MAX_DIM}; float64 reference ...")
     import json
 
-    digest = kappatune.tensor_digest(torch.cat([w.reshape(-1)[:4096].float() for _, w in tensors]))
+    digest = kappatune.cache.tensor_digest(torch.cat([w.reshape(-1)[:4096].float() for _, w in tensors]))
     stored = json.loads(k64_cache.read_text()) if k64_cache is not None and k64_cache.exists() else {}
     if digest in stored:  # the same tensors as a previous run (the reference is not timed)
         k64: Dict[str, float] = stored[digest]["kappa"]
@@ -317,7 +318,7 @@ def bench_model(label: str, model: torch.nn.Module, repeats: int, default_thread
                 for _ in range(repeats)]
         if [(e.name, e.kappa) for e in warm[-1].out] != [(e.name, e.kappa) for e in cold.out]:
             raise SystemExit(f"[{label}] warm-cache table differs from the cold one")
-        digest = [Timing(lambda: [kappatune.tensor_digest(w) for _, w in tensors]) for _ in range(repeats)]
+        digest = [Timing(lambda: [kappatune.cache.tensor_digest(w) for _, w in tensors]) for _ in range(repeats)]
     log(f"[{label}] cache cold {cold.wall:.2f}s, warm {med([t.wall for t in warm]):.3f}s, "
         f"digest only {med([t.wall for t in digest]):.3f}s")
 
@@ -403,7 +404,7 @@ def markdown(res: dict) -> str:
 
 def closing_note(results: List[dict]) -> str:
     """Which goals are met (✗: missed), per model and thread count."""
-    out = ["### Goals (issue 15)", "", "| model | threads | vs reference (goal ≥ 5×) | vs PEFT (goal ≥ 2.5×) | "
+    out = ["### Goals", "", "| model | threads | vs reference (goal ≥ 5×) | vs PEFT (goal ≥ 2.5×) | "
            "÷ floor (goal ≤ 1.5×) | max rel. κ error (goal ≤ 1e-6) | ranking identical |",
            "|---|---:|---:|---:|---:|---:|:---:|"]
 

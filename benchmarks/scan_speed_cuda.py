@@ -26,7 +26,6 @@ Run on a CUDA machine (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import kappatune  # noqa: E402
+import kappatune.cache  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -166,7 +167,7 @@ def main() -> None:
 
     model, tok = build_model(args)
     model.to(device)
-    before = {n: kappatune.tensor_digest(p.detach()) for n, p in model.named_parameters()}
+    before = {n: kappatune.cache.tensor_digest(p.detach()) for n, p in model.named_parameters()}
 
     # 1-2. κ of the bare model, sharded over the ranks; the same table and selection everywhere.
     t_scan = time.perf_counter()
@@ -200,9 +201,9 @@ def main() -> None:
 
     # Verification: frozen tensors bit-for-bit unchanged on this rank, trained ones equal on all ranks.
     after = full_weights(model, args.strategy)
-    frozen_ok = all(kappatune.tensor_digest(after[n]) == d for n, d in before.items() if n not in names)
-    changed = sum(kappatune.tensor_digest(after[n]) != before[n] for n in names)
-    trained = [kappatune.tensor_digest(after[n]) for n in names]
+    frozen_ok = all(kappatune.cache.tensor_digest(after[n]) == d for n, d in before.items() if n not in names)
+    changed = sum(kappatune.cache.tensor_digest(after[n]) != before[n] for n in names)
+    trained = [kappatune.cache.tensor_digest(after[n]) for n in names]
     frozen_all = [frozen_ok]
     if distributed:
         gathered = [None] * world

@@ -1,41 +1,55 @@
 """kappatune: selective full-weight fine-tuning by condition number.
 
 Compute κ = σ_max/σ_min of every weight tensor, keep the lowest-κ tensors trainable, freeze the
-rest (arXiv 2506.16289).
+rest (arXiv 2506.16289), and control forgetting directly: decay toward the pretrained values, the
+base model on demand, deltas blended back after training, a forgetting monitor.
 
 Example::
 
     >>> import torch, kappatune
     >>> table = kappatune.scan(model)                    # κ of every weight, cached on disk
     >>> names = table.select(top_fraction=0.1)           # the 10% lowest-κ tensors
-    >>> handle = kappatune.freeze_all_but(model, names)
+    >>> opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, top_fraction=0.1, lr=3e-4)
 """
 
 import importlib as _importlib
-import sys as _sys
-import types as _types
+import warnings as _warnings
 
 # The public names and the module that defines each. They are imported on first use (PEP 562), so
 # ``import kappatune`` and the ``kappatune`` command's ``--help`` do not import torch.
 _LAZY = {
-    "KappaCache": "cache", "default_cache_dir": "cache", "tensor_digest": "cache",
-    "scan_checkpoint": "checkpoint",
-    "KappaResult": "kappa", "condition_number": "kappa", "condition_numbers": "kappa", "kappa_of": "kappa",
-    "KappaTuneOptimizer": "optimizer", "SelectiveFineTuningOptimizer": "optimizer",
-    "TensorRef": "refs", "scan": "scan",
-    "FreezeHandle": "selection", "KappaEntry": "selection", "KappaTable": "selection",
-    "freeze_all_but": "selection", "SelectionPolicy": "selection", "NameFilter": "selection",
+    "scan": "pipeline", "scan_checkpoint": "checkpoint", "condition_number": "kappa",
+    "KappaTable": "table", "KappaEntry": "table",
+    "SelectionPolicy": "selection", "freeze_all_but": "selection", "FreezeHandle": "selection",
+    "NameFilter": "refs",
     "Selection": "resolve", "resolve_selection": "resolve",
+    "KappaTuneOptimizer": "optimizer", "KappaCache": "cache",
     "apply_delta": "delta", "AppliedDelta": "delta", "measure_forgetting": "monitor",
+}
+
+# Old top-level spellings: still there for one release, with a FutureWarning naming the new one.
+_MOVED = {
+    "SelectiveFineTuningOptimizer": ("compat", "kappatune.compat.SelectiveFineTuningOptimizer"),
+    "condition_numbers": ("kappa", "kappatune.kappa.condition_numbers"),
+    "kappa_of": ("kappa", "kappatune.kappa.kappa_of"),
+    "KappaResult": ("kappa", "kappatune.kappa.KappaResult"),
+    "TensorRef": ("refs", "kappatune.refs.TensorRef"),
+    "default_cache_dir": ("cache", "kappatune.cache.default_cache_dir"),
+    "tensor_digest": ("cache", "kappatune.cache.tensor_digest"),
 }
 
 
 def __getattr__(name: str):
     mod = _LAZY.get(name)
+    if mod is None and name in _MOVED:
+        mod, new = _MOVED[name]
+        _warnings.warn(f"kappatune.{name} is deprecated and leaves the top level in the next release; use {new}",
+                       FutureWarning, stacklevel=2)
+        return getattr(_importlib.import_module(f".{mod}", __name__), name)  # not cached: warns each time
     if mod is None:
         raise AttributeError(f"module 'kappatune' has no attribute {name!r}")
     value = getattr(_importlib.import_module(f".{mod}", __name__), name)
-    _types.ModuleType.__setattr__(_sys.modules[__name__], name, value)
+    globals()[name] = value
     return value
 
 
@@ -43,43 +57,24 @@ def __dir__():
     return sorted({*globals(), *_LAZY})
 
 
-class _Package(_types.ModuleType):
-    """Keeps ``kappatune.scan`` the function when the submodule ``kappatune.scan`` gets imported
-    (the import system would otherwise bind the module to the package attribute)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, _types.ModuleType):
-            return  # resolved by __getattr__ to the function of that name
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package
-
 __version__ = "0.1.0"
 
 __all__ = [
     "AppliedDelta",
+    "FreezeHandle",
     "KappaCache",
     "KappaEntry",
-    "KappaResult",
     "KappaTable",
     "KappaTuneOptimizer",
-    "FreezeHandle",
     "NameFilter",
     "Selection",
     "SelectionPolicy",
-    "TensorRef",
     "apply_delta",
     "condition_number",
-    "condition_numbers",
-    "default_cache_dir",
     "freeze_all_but",
-    "kappa_of",
     "measure_forgetting",
     "resolve_selection",
     "scan",
     "scan_checkpoint",
-    "SelectiveFineTuningOptimizer",
-    "tensor_digest",
     "__version__",
 ]

@@ -96,3 +96,4 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, Callable[[Pat
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+

@@ -1,57 +1,49 @@
-"""On-disk κ cache keyed by tensor content.
+"""The κ cache on disk: κ values (and Spectrum's SNR) keyed by tensor content, in one SQLite database.
 
 An entry is found by a digest of the tensor's bytes (plus its dtype, shape and κ layout), so it is
 reused only for byte-identical weights: a cache written for another model, or before fine-tuning
 changed a tensor, is never used for it, and a fine-tuned model still reuses every tensor it left
-unchanged.
+unchanged. SNR entries have keys of their own, ``digest|layout|snr`` beside κ's ``digest|layout``
+(:meth:`KappaCache.key`); every entry records its score and is checked against its key's
+(:func:`validate_entry`), so a κ is never read as an SNR nor the reverse.
 
-The same cache holds Spectrum's SNR (``kappatune.scan(model, score="snr")``) under keys of their
-own, ``digest|layout|snr`` beside κ's ``digest|layout`` (:meth:`KappaCache.key`); every entry
-records its score and is checked against its key's (:func:`validate_entry`), so a κ is never read
-as an SNR nor the reverse. Files written before SNR entries existed are read as they are (their
-keys are κ keys), and an earlier kappatune never uses an SNR entry: the last part of its key is not
-a layout, so that version rejects it (and leaves it out when it rewrites a ``.json`` cache).
-
-Stores
-------
-* A **folder** (the default, :func:`default_cache_dir`) holds ``kappa_cache.sqlite``, an SQLite
-  database in WAL mode (Python's standard ``sqlite3``): a lookup reads one row and a save writes
-  only the new rows, in one transaction, so a cache of 100 000 entries costs what a small one does.
-  A ``kappa_cache.json`` written by an earlier kappatune in the same folder is imported once (again
-  only if that file changes). A path ending in ``.sqlite``, ``.sqlite3`` or ``.db`` names the
-  database itself.
-* A path ending in **.json** keeps one JSON file (the format of earlier versions, and the
-  reference kappaTune's ``condition_file`` argument): every save merges with the file under a lock
-  and replaces it atomically, so its cost grows with the file. Use a folder for large caches.
+Where it lives
+--------------
+A **folder** (the default, :func:`default_cache_dir`) holds ``kappa_cache.sqlite``; a path ending
+in ``.sqlite``, ``.sqlite3`` or ``.db`` names the database itself. It is an SQLite database
+(Python's standard ``sqlite3``): a lookup reads one row and a save writes only the new rows, in
+one transaction, so a large cache costs what a small one does. A path ending in ``.json`` is
+refused with a ``ValueError`` saying what to pass instead.
 
 What the cache promises
 -----------------------
 * **Validated on read**: every entry is checked before it is used (κ = σ_max/σ_min within rounding,
   σ_max ≥ σ_min ≥ 0, finite numbers, shape and layout consistent with the key and with the tensor
   asking for it, ``per_matrix`` one value per matrix with κ its aggregate; no JSON ``NaN``/
-  ``Infinity`` literals, no duplicate keys). An entry that fails is recomputed, with one warning
+  ``Infinity`` literals, no duplicated fields). An entry that fails is recomputed, with one warning
   naming the file; it never fails a scan, and a save never fails one either.
-* **Crash-safe**: a process killed mid-save leaves the previous entries intact (an SQLite
-  transaction; for JSON an atomic rename, and the temporary file it leaves is removed by the next
-  save).
-* **Concurrent**: processes writing at once add up their entries (SQLite locking; for JSON a lock
-  file). A process waiting for a lock says so, and for which file.
-* **Shared folders**: files are created with the permissions the umask allows (``0666 & ~umask``),
-  as every other tool does. A file that cannot be read (permissions) is warned about and skipped,
-  never treated as corrupt; a corrupt file is moved aside under a unique name and recomputed; a
-  file that is not a kappatune cache, or was written by a newer kappatune, is never read or
-  overwritten.
+* **Nothing invalid written**: a value that would not pass those checks is not stored.
+* **Crash-safe**: each save is one SQLite transaction; a process killed mid-save leaves the
+  previous entries intact.
+* **Concurrent**: processes writing at once add up their entries (``BEGIN IMMEDIATE``, waiting
+  while another process writes). A process waiting for a lock says so, and for which file.
+* **Shared folders**: WAL mode on local disks, the rollback journal on network file systems (WAL
+  needs memory shared by every process). Files are created with the permissions the umask allows
+  (``0666 & ~umask``), as every other tool does. A file that cannot be read (permissions) is
+  warned about and skipped, never treated as corrupt; a corrupt file is moved aside under a unique
+  name and recomputed; a file that is not a kappatune cache, or was written by a newer kappatune,
+  is never read or overwritten.
 * **Read-only locations**: a database this process may not write (a read-only mount, another
   user's folder) is opened read-only (SQLite ``mode=ro``; ``immutable=1`` when a WAL database
   cannot be opened otherwise) and its entries are used; one warning says that new values will not
   be saved, and why.
 * **Nothing outside the folder**: kappatune never follows a symbolic link at a file it creates or
-  writes (the cache file, SQLite's ``-wal``/``-shm``/``-journal`` files, the lock files): such a
-  link is named in a warning and the scan goes on without the cache.
+  writes (the database, SQLite's ``-wal``/``-shm``/``-journal`` files, the lock file): such a link
+  is named in a warning and the scan goes on without the cache.
 
 Example::
 
-    >>> cache = kappatune.KappaCache("cache")          # folder, or a path ending in .json
+    >>> cache = kappatune.KappaCache("cache")          # a folder, or a path ending in .sqlite
     >>> table = kappatune.scan(model, cache=cache)     # cold: computes and stores
     >>> table = kappatune.scan(model, cache=cache)     # warm: digests only
 """
@@ -60,17 +52,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import math
 import os
 import secrets
 import stat
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import xxhash
+
+from ._files import new_file_mode
+from ._numbers import aggregate_values, decode_float, encode_float
+from .refs import dtype_name, matrix_dims, num_matrices, resolve_layout
 
 __all__ = ["KappaCache", "tensor_digest", "default_cache_dir", "SCHEMA_VERSION", "CACHE_FORMAT",
            "validate_entry", "InvalidEntry", "key_score"]
@@ -80,7 +76,6 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 CACHE_FORMAT = "kappatune-kappa-cache"
 DEFAULT_FILENAME = "kappa_cache.sqlite"
-LEGACY_FILENAME = "kappa_cache.json"
 _SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _LOCK_TIMEOUT_S = 120.0
 _LOCK_NOTICE_S = 1.0  # after this long waiting for a lock, say so
@@ -106,52 +101,26 @@ def default_cache_dir() -> Path:
 
 
 # -- digests -------------------------------------------------------------------------------------
-def _digest_fn():
-    try:
-        import xxhash  # ~20 GB/s; a dependency of kappatune, but digests work without it
-
-        def xxh(header: bytes, data: memoryview) -> str:
-            h = xxhash.xxh3_128(header)
-            h.update(data)
-            return "xxh3_128:" + h.hexdigest()
-
-        return xxh
-    except ImportError:  # stdlib fallback: BLAKE2b-128, a cryptographic hash (~1 GB/s)
-
-        def b2(header: bytes, data: memoryview) -> str:
-            h = hashlib.blake2b(header, digest_size=16)
-            h.update(data)
-            return "blake2b128:" + h.hexdigest()
-
-        return b2
-
-
-_DIGEST = None
-
-
 def tensor_digest(tensor: "torch.Tensor") -> str:  # noqa: F821
     """Digest of a tensor's dtype, shape and bytes (C order), e.g. ``'xxh3_128:9f…'``.
 
     Args:
         tensor (torch.Tensor): any tensor; one on an accelerator is copied to the CPU for hashing.
 
-    Uses xxHash3-128 (the ``xxhash`` package, a dependency), else BLAKE2b-128 from the standard
-    library; both are 128-bit digests (no crafted collision is known for either on tensors of this
-    kind; BLAKE2b is cryptographic). The algorithm is part of the digest, so digests of the two kinds
-    never match each other (a mismatch costs a recomputation, never a wrong κ).
+    Uses xxHash3-128 (the ``xxhash`` package), a 128-bit digest; the algorithm's name is part of
+    the digest, so a digest of another kind never matches one of these (a mismatch costs a
+    recomputation, never a wrong κ).
     """
-    global _DIGEST
-    if _DIGEST is None:
-        _DIGEST = _digest_fn()
     import torch
 
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    header = f"{t.dtype}|{tuple(t.shape)}|".encode()
-    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else memoryview(b"")
-    return _DIGEST(header, memoryview(data))
+    h = xxhash.xxh3_128(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return "xxh3_128:" + h.hexdigest()
 
 
 # -- entries: encoding and validation ------------------------------------------------------------
@@ -159,39 +128,29 @@ class InvalidEntry(ValueError):
     """A cache entry that must not be used, with the reason."""
 
 
-class _Marker:
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __repr__(self) -> str:
-        return self.what
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"it holds a JSON {name} literal")  # never a valid value: κ = inf is stored as "inf"
 
 
-_NON_FINITE = _Marker("a JSON NaN/Infinity literal")
-_DUPLICATE = _Marker("a duplicated JSON key")
-
-
-def _parse_constant(name: str) -> Any:
-    return _NON_FINITE  # NaN, Infinity, -Infinity: never a valid value (we write κ = inf as "inf")
-
-
-def _pairs(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in pairs:
-        out[k] = _DUPLICATE if k in out else v  # detected, never "last one wins"
+        if k in out:
+            raise ValueError(f"its field {k!r} appears twice")  # never "the last one wins"
+        out[k] = v
     return out
 
 
 def _loads(text: str) -> Any:
-    """``json.loads`` that marks NaN/Infinity literals and duplicate keys instead of accepting them.
+    """``json.loads`` that refuses NaN/Infinity literals and duplicated fields.
 
-    Raises ValueError for text that is not JSON (or nested too deeply to parse).
+    Raises ValueError for text that is not such JSON (or nested too deeply to parse).
     """
     try:
-        return json.loads(text, parse_constant=_parse_constant, object_pairs_hook=_pairs)
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e})") from None
 
 
@@ -213,12 +172,8 @@ def _close(a: float, b: float) -> bool:
 
 
 def _matrix_dims(shape: Sequence[int], layout: str) -> Tuple[int, int, int]:
-    """(number of matrices, m, n) of a tensor of ``shape`` analysed with ``layout``."""
-    if layout == "stack":
-        return shape[0], shape[1], shape[2]
-    if layout == "flatten":
-        return 1, shape[0], math.prod(shape[1:])
-    return 1, shape[0], shape[1]
+    """(number of matrices, m, n) of a tensor of ``shape`` analysed with ``layout`` (:mod:`kappatune.refs`)."""
+    return (num_matrices(shape, layout), *matrix_dims(shape, layout))
 
 
 def key_score(key: str) -> Tuple[str, str]:
@@ -239,7 +194,7 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
     """The entry in its stored (encoded) form, checked; raises :class:`InvalidEntry` saying why not.
 
     Args:
-        entry (Any): a decoded JSON object as stored (κ may be the string ``"inf"``).
+        entry (Any): a decoded entry as stored (κ may be the string ``"inf"``).
         key (Optional[str]): its key (``digest|layout``, or ``digest|layout|snr`` for an SNR); the
             layout and the score must agree (default ``None``: the score is the entry's own).
         shape (Optional[Sequence[int]]): the shape of the tensor asking for it (default ``None``).
@@ -260,8 +215,6 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
     for a noise sum of 0, 0 for :math:`\\sigma_{\\max} = 0`); for a stack, one ``per_matrix`` SNR
     :math:`\\ge 0` per matrix and the SNR their mean (or maximum).
     """
-    if entry is _DUPLICATE:
-        raise InvalidEntry("its key appears twice in the file (duplicate key)")
     if not isinstance(entry, dict):
         raise InvalidEntry(f"it is {type(entry).__name__}, not an object")
     has = entry.get("score", "kappa")
@@ -277,7 +230,11 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
     if (not isinstance(shp, list) or not shp
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shp)):
         raise InvalidEntry(f"shape {shp!r} is not a list of positive whole numbers")
-    ndim_ok = {"matrix": len(shp) == 2, "stack": len(shp) == 3, "flatten": len(shp) >= 2}[layout]
+    try:
+        resolve_layout(shp, layout)
+        ndim_ok = True
+    except ValueError:
+        ndim_ok = False
     if not ndim_ok:
         raise InvalidEntry(f"shape {shp} does not fit layout {layout!r}")
     if shape is not None and tuple(shp) != tuple(int(s) for s in shape):
@@ -285,7 +242,7 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
     dt = entry.get("dtype")
     if not isinstance(dt, str) or not dt:
         raise InvalidEntry(f"dtype {dt!r} is not a name")
-    if dtype is not None and dt != str(dtype).replace("torch.", ""):
+    if dtype is not None and dt != dtype_name(dtype):
         raise InvalidEntry(f"dtype {dt!r} differs from the tensor's {str(dtype)!r}")
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
@@ -310,10 +267,9 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
             raise InvalidEntry("a per_matrix value is below 1")
         if ratio != math.inf and any(v > ratio * (1 + _RTOL) for v in per):
             raise InvalidEntry("a per_matrix value exceeds sigma_max/sigma_min")
-        mean = math.inf if any(math.isinf(v) for v in per) else math.fsum(per) / len(per)
-        if not (_close(kappa, mean) or _close(kappa, max(per))):
+        if not (_close(kappa, aggregate_values(per, "mean")) or _close(kappa, aggregate_values(per, "max"))):
             raise InvalidEntry(f"kappa {kappa!r} is neither the mean nor the max of per_matrix")
-        per_out: Optional[List[Any]] = [_encode_float(v) for v in per]
+        per_out: Optional[List[Any]] = [encode_float(v) for v in per]
     else:
         if pm is not None:
             raise InvalidEntry(f"per_matrix is given for layout {layout!r}")
@@ -323,7 +279,7 @@ def validate_entry(entry: Any, key: Optional[str] = None, *, shape: Optional[Seq
         elif not _close(kappa, ratio):
             raise InvalidEntry(f"kappa {kappa:.6g} but sigma_max/sigma_min = {ratio:.6g}")
         per_out = None
-    return {"kappa": _encode_float(kappa), "sigma_max": smax, "sigma_min": smin, "shape": list(shp),
+    return {"kappa": encode_float(kappa), "sigma_max": smax, "sigma_min": smin, "shape": list(shp),
             "dtype": dt, "layout": layout, "per_matrix": per_out, "name": name}
 
 
@@ -349,12 +305,11 @@ def _validate_snr(entry: Mapping[str, Any], layout: str, shp: List[int], dt: str
             raise InvalidEntry("a per_matrix value is below 0")
         if any(v is not None for v in parts.values()):
             raise InvalidEntry("signal, noise and threshold are per matrix: not given for a stack")
-        mean = math.inf if any(math.isinf(v) for v in per) else math.fsum(per) / len(per)
-        if not (_close(snr, mean) or _close(snr, max(per))):
+        if not (_close(snr, aggregate_values(per, "mean")) or _close(snr, aggregate_values(per, "max"))):
             raise InvalidEntry(f"snr {snr!r} is neither the mean nor the max of per_matrix")
-        return {"score": "snr", "snr": _encode_float(snr), "sigma_max": smax, "signal": None, "noise": None,
+        return {"score": "snr", "snr": encode_float(snr), "sigma_max": smax, "signal": None, "noise": None,
                 "threshold": None, "shape": list(shp), "dtype": dt, "layout": layout,
-                "per_matrix": [_encode_float(v) for v in per], "name": name}
+                "per_matrix": [encode_float(v) for v in per], "name": name}
     if pm is not None:
         raise InvalidEntry(f"per_matrix is given for layout {layout!r}")
     signal, noise, tau = (_number(parts[k], k) for k in ("signal", "noise", "threshold"))
@@ -365,7 +320,7 @@ def _validate_snr(entry: Mapping[str, Any], layout: str, shp: List[int], dt: str
     want = 0.0 if smax == 0 else (math.inf if noise == 0 else signal / noise / smax)
     if not _close(snr, want):
         raise InvalidEntry(f"snr {snr!r} but signal/noise/sigma_max = {want!r}")
-    return {"score": "snr", "snr": _encode_float(snr), "sigma_max": smax, "signal": signal, "noise": noise,
+    return {"score": "snr", "snr": encode_float(snr), "sigma_max": smax, "signal": signal, "noise": noise,
             "threshold": tau, "shape": list(shp), "dtype": dt, "layout": layout, "per_matrix": None, "name": name}
 
 
@@ -376,29 +331,21 @@ def _snr_fields(f: Mapping[str, Any]) -> Dict[str, Any]:
         return None if x is None or math.isnan(float(x)) else float(x)
 
     pm = f.get("per_matrix")
-    return {"score": "snr", "snr": _encode_float(float(f["snr"])), "sigma_max": float(f["sigma_max"]),
+    return {"score": "snr", "snr": encode_float(float(f["snr"])), "sigma_max": float(f["sigma_max"]),
             "signal": part(f.get("signal")), "noise": part(f.get("noise")), "threshold": part(f.get("threshold")),
-            "shape": [int(s) for s in f["shape"]], "dtype": str(f["dtype"]).replace("torch.", ""),
-            "layout": f["layout"], "per_matrix": None if pm is None else [_encode_float(float(v)) for v in pm],
+            "shape": [int(s) for s in f["shape"]], "dtype": dtype_name(f["dtype"]),
+            "layout": f["layout"], "per_matrix": None if pm is None else [encode_float(float(v)) for v in pm],
             "name": f.get("name")}
-
-
-def _encode_float(x: float) -> Union[float, str]:
-    return "inf" if math.isinf(x) else float(x)
-
-
-def _decode_float(x: Any) -> float:
-    return math.inf if x == "inf" else float(x)
 
 
 def _decode(e: Mapping[str, Any]) -> dict:
     out = dict(e)
     if e.get("score") == "snr":
-        out["snr"] = _decode_float(e["snr"])
+        out["snr"] = decode_float(e["snr"])
     else:
-        out["kappa"] = _decode_float(e["kappa"])
+        out["kappa"] = decode_float(e["kappa"])
     if e.get("per_matrix") is not None:
-        out["per_matrix"] = [_decode_float(v) for v in e["per_matrix"]]
+        out["per_matrix"] = [decode_float(v) for v in e["per_matrix"]]
     return out
 
 
@@ -433,28 +380,6 @@ def _refuse_symlinks(*paths: Path) -> None:
             raise _Symlink(f"{p} is a symbolic link (to {target})")
 
 
-def _umask() -> int:
-    try:  # Linux >= 4.7 reports it without changing it
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def _new_file_mode(existing: Optional[Path] = None) -> int:
-    """``0666 & ~umask``, widened by the bits an existing file already grants (never narrower)."""
-    mode = 0o666 & ~_umask()
-    if existing is not None:
-        with contextlib.suppress(OSError):
-            mode |= stat.S_IMODE(existing.stat().st_mode)
-    return mode
-
-
 def _move_aside(path: Path, reason: str) -> Path:
     """Rename a corrupt file to a name no other file has (``NAME.corrupt-<time>-<random>``)."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -469,51 +394,31 @@ def _move_aside(path: Path, reason: str) -> Path:
 
 @contextlib.contextmanager
 def _file_lock(lock_path: Path, what: Path):
-    """An exclusive lock on ``lock_path`` (created ``0666 & ~umask``, never through a symbolic link);
-    says so when it has to wait."""
+    """An exclusive lock on ``lock_path`` (the ``filelock`` package; the file is created
+    ``0666 & ~umask``, never through a symbolic link); says so when it has to wait."""
+    import filelock
+
     _refuse_symlinks(lock_path)
+    lock = filelock.FileLock(str(lock_path), mode=new_file_mode())
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+        try:
+            lock.acquire(timeout=_LOCK_NOTICE_S)
+        except filelock.Timeout:
+            logger.warning("κ cache %s: waiting for the lock %s (another kappatune is replacing a corrupt "
+                           "file); giving up after %.0f s", what, lock_path, _LOCK_TIMEOUT_S)
+            try:
+                lock.acquire(timeout=_LOCK_TIMEOUT_S - _LOCK_NOTICE_S)
+            except filelock.Timeout:
+                raise TimeoutError(f"timed out after {_LOCK_TIMEOUT_S:.0f} s waiting for the lock "
+                                   f"{lock_path}") from None
     except OSError as e:
         if e.errno == errno.ELOOP:  # a link made since the check above
             raise _Symlink(f"{lock_path} is a symbolic link") from None
         raise
     try:
-        t0 = time.monotonic()
-        told = False
-        while True:
-            try:
-                if os.name == "nt":  # pragma: no cover - exercised on Windows only
-                    import msvcrt
-
-                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-                else:
-                    import fcntl
-
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
-                    raise
-            waited = time.monotonic() - t0
-            if waited > _LOCK_TIMEOUT_S:
-                raise TimeoutError(f"timed out after {_LOCK_TIMEOUT_S:.0f} s waiting for the lock {lock_path}")
-            if not told and waited > _LOCK_NOTICE_S:
-                holder = ""
-                with contextlib.suppress(OSError, ValueError):
-                    pid = int(os.pread(fd, 32, 0).split()[0])
-                    holder = f" held by process {pid}"
-                logger.warning("κ cache %s: waiting for the lock %s%s (another kappatune is saving, or was "
-                               "stopped while saving); giving up after %.0f s", what, lock_path, holder,
-                               _LOCK_TIMEOUT_S)
-                told = True
-            time.sleep(0.02)
-        with contextlib.suppress(OSError):  # who holds it, for the message of a waiting process
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        lock.release()
 
 
 def _read_bytes(path: Path, limit: Optional[int] = None) -> Optional[bytes]:
@@ -532,108 +437,6 @@ def _read_bytes(path: Path, limit: Optional[int] = None) -> Optional[bytes]:
         return None
     except PermissionError as e:
         raise _Unreadable(e.strerror or str(e)) from None
-
-
-# -- the JSON store ------------------------------------------------------------------------------
-class _JsonStore:
-    """One JSON file; every save merges with it under a lock and replaces it atomically."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock_path = path.with_name(path.name + ".lock")
-        self.entries: Dict[str, dict] = {}
-        self.malformed = 0
-
-    def read(self, quiet: bool = False, validate: bool = True) -> Dict[str, Any]:
-        """Entries on disk. Raises _NotOurs, _Unreadable or _Corrupt.
-
-        ``validate``: only the valid ones, in their normalised form (what a save writes back);
-        else as parsed, for lookups, which validate each entry they use. ``quiet``: no warning
-        about invalid entries.
-        """
-        _refuse_symlinks(self.path, self.lock_path)
-        raw = _read_bytes(self.path)
-        if raw is None:
-            return {}
-        try:
-            data = _loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _Corrupt(str(e)) from None
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-            if isinstance(data, dict) and data.get("format") is _DUPLICATE:
-                raise _Corrupt("its 'format' key is duplicated")
-            raise _NotOurs("it is not a kappatune κ cache")
-        version = data.get("schema_version")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise _Corrupt("it has no integer schema_version")
-        if version > SCHEMA_VERSION:
-            raise _NotOurs(f"it was written by a newer kappatune (schema {version} > {SCHEMA_VERSION})")
-        if version < SCHEMA_VERSION:
-            logger.warning("κ cache %s has old schema %d (current %d): ignoring its entries; "
-                           "they will be recomputed and the file rewritten", self.path, version, SCHEMA_VERSION)
-            return {}
-        entries = data.get("entries")
-        if not isinstance(entries, dict):
-            raise _Corrupt("its 'entries' is not an object" + (" (the key is duplicated)"
-                                                                if entries is _DUPLICATE else ""))
-        if not validate:
-            return entries
-        good: Dict[str, dict] = {}
-        first = ""
-        for k, e in entries.items():
-            try:
-                if e is _DUPLICATE:
-                    raise InvalidEntry("its key appears twice in the file (duplicate key)")
-                good[k] = validate_entry(e, k)
-            except InvalidEntry as why:
-                if not first:
-                    name = e.get("name") if isinstance(e, dict) and isinstance(e.get("name"), str) else k
-                    first = f"{name}: {why}"
-        bad = len(entries) - len(good)
-        self.malformed = bad
-        if bad and not quiet:
-            logger.warning("κ cache %s: ignoring %d malformed or inconsistent entr%s (first: %s); they will be "
-                           "recomputed", self.path, bad, "y" if bad == 1 else "ies", first)
-        return good
-
-    def write(self, new: Mapping[str, dict]) -> Dict[str, dict]:
-        """Merge ``new`` into the file under the lock; returns the merged entries."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(self.lock_path, self.path):
-            self._remove_orphans()
-            try:
-                on_disk = self.read(quiet=True)
-            except _Corrupt as e:
-                _move_aside(self.path, str(e))
-                on_disk = {}
-            merged = {**on_disk, **new}
-            self._write_atomic(merged)
-        return merged
-
-    def _remove_orphans(self) -> None:
-        """Temporary files of writers killed mid-save (only a lock holder writes one)."""
-        for p in self.path.parent.glob(self.path.name + ".*.tmp"):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                logger.info("κ cache %s: removed %s, left by a save that was interrupted", self.path, p.name)
-
-    def _write_atomic(self, entries: Mapping[str, dict]) -> None:
-        payload = {"format": CACHE_FORMAT, "schema_version": SCHEMA_VERSION,
-                   "entries": dict(sorted(entries.items()))}
-        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))  # fails before any file exists
-        mode = _new_file_mode(self.path if self.path.exists() else None)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
 
 # -- the SQLite store ----------------------------------------------------------------------------
@@ -702,11 +505,11 @@ def _readonly_reason(path: Path) -> Optional[str]:
 
 
 class _SqliteStore:
-    """``entries(key, entry)`` rows (the entry as compact JSON) in an SQLite database in WAL mode."""
+    """``entries(key, entry)`` rows (the entry as compact JSON) in an SQLite database (WAL mode on a
+    local disk, the rollback journal on a network file system)."""
 
-    def __init__(self, path: Path, legacy_json: Optional[Path]) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.legacy = legacy_json
         self.lock_path = path.with_name(path.name + ".lock")
         #: why the open database is read-only (``None``: it is writable); set by :meth:`connect`
         self.readonly: Optional[str] = None
@@ -755,8 +558,6 @@ class _SqliteStore:
         self._con = None
         con = self._open()
         self._con, self._pid = con, os.getpid()
-        if self.legacy is not None and self.readonly is None:
-            self._import_legacy(con)
         return con
 
     def _open(self):
@@ -907,46 +708,6 @@ class _SqliteStore:
             con.execute("PRAGMA journal_mode=DELETE" if network else "PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL" if network else "PRAGMA synchronous=NORMAL")
 
-    def _import_legacy(self, con) -> None:
-        """Entries of ``kappa_cache.json`` in the same folder, once per version of that file."""
-        assert self.legacy is not None
-        try:
-            st = os.stat(self.legacy)
-        except OSError:
-            return
-        sig = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-        row = con.execute("SELECT v FROM meta WHERE k='imported_json'").fetchone()
-        if row is not None and row[0] == sig:
-            return
-        store = _JsonStore(self.legacy)
-        try:
-            entries = store.read()
-        except (_NotOurs, _Unreadable, _Corrupt) as e:
-            logger.warning("κ cache %s: not importing %s (%s)", self.path, self.legacy, e)
-            entries = {}
-
-        def write():
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?)",
-                                ((k, _dumps(e)) for k, e in entries.items()))
-                con.execute("INSERT OR REPLACE INTO meta VALUES ('imported_json', ?)", (sig,))
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                raise
-
-        import sqlite3
-
-        try:
-            self._retry(write, f"import {self.legacy.name}")
-        except (sqlite3.Error, TimeoutError) as e:
-            logger.warning("κ cache %s: could not import %s (%s)", self.path, self.legacy, e)
-            return
-        if entries:
-            logger.info("κ cache %s: imported %d entries from %s", self.path, len(entries), self.legacy)
-
-    # entries -------------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> Dict[str, str]:
         con = self.connect()
         out: Dict[str, str] = {}
@@ -990,16 +751,19 @@ class KappaCache:
     """κ values on disk, reused only for byte-identical tensors (see the module docstring).
 
     Args:
-        path (str, bytes or os.PathLike, optional): a folder (its ``kappa_cache.sqlite`` is used, and
-            a ``kappa_cache.json`` there is imported once), a path ending in ``.sqlite``/``.db`` (that
-            database), or a path ending in ``.json`` (one JSON file, merged and replaced on every
-            save). Default ``None``: :func:`default_cache_dir`.
+        path (str, bytes or os.PathLike, optional): a folder (its ``kappa_cache.sqlite`` is used) or
+            a path ending in ``.sqlite``, ``.sqlite3`` or ``.db`` (that database). Default: ``None``,
+            :func:`default_cache_dir`.
 
     Use :meth:`get` / :meth:`put` with keys from :meth:`key`, then :meth:`save`.
     :func:`kappatune.scan` does all of this for you. Nothing here raises for a bad, unreadable,
     foreign or locked file, or a symbolic link where the cache would create a file: it warns (naming
     the file) and the scan goes on without it. A database this process may not write is read (one
     warning says new values are not saved).
+
+    Raises:
+        ValueError: ``path`` ends in ``.json`` (the κ cache is an SQLite database), or is an
+            existing file whose name ends otherwise than in ``.sqlite``, ``.sqlite3`` or ``.db``.
     """
 
     def __init__(self, path: Optional[PathLike] = None) -> None:
@@ -1007,22 +771,17 @@ class KappaCache:
             path = os.fsdecode(path)
         p = Path(path).expanduser() if path is not None else default_cache_dir()
         suffix = "" if p.is_dir() else p.suffix.lower()  # an existing folder is a folder, whatever its name
-        self._json: Optional[_JsonStore] = None
-        self._sql: Optional[_SqliteStore] = None
         if suffix == ".json":
+            raise ValueError(f"cache path {str(p)!r} ends in .json, but the κ cache is an SQLite database: pass a "
+                             f"folder (it keeps {DEFAULT_FILENAME}) or a path ending in .sqlite")
+        if suffix in _SQLITE_SUFFIXES:
             self.path = p
-            self._json = _JsonStore(p)
-        elif suffix in _SQLITE_SUFFIXES:
-            self.path = p
-            self._sql = _SqliteStore(p, None)
+        elif p.exists() and not p.is_dir():
+            raise ValueError(f"cache path {str(p)!r} is an existing file that does not end in .sqlite, .sqlite3 "
+                             "or .db; pass a folder or a .sqlite file path")
         else:
-            if p.exists() and not p.is_dir():
-                raise ValueError(
-                    f"cache path {str(p)!r} is an existing file that does not end in .json, .sqlite or .db; "
-                    "pass a folder, a .sqlite file or a .json file path"
-                )
             self.path = p / DEFAULT_FILENAME
-            self._sql = _SqliteStore(self.path, p / LEGACY_FILENAME)
+        self._sql = _SqliteStore(self.path)
         self._new: Dict[str, dict] = {}
         self._bad: set = set()
         self._loaded = False
@@ -1034,8 +793,7 @@ class KappaCache:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        if state.get("_sql") is not None:
-            state["_sql"] = _SqliteStore(self._sql.path, self._sql.legacy)  # no open connection
+        state["_sql"] = _SqliteStore(self.path)  # no open connection
         return state
 
     def __del__(self) -> None:
@@ -1113,11 +871,8 @@ class KappaCache:
         rest = [k for k in dict.fromkeys(keys) if k not in found and k not in self._bad]
         if not rest or not self._usable:
             return found
-        if self._json is not None:
-            found.update((k, self._json.entries[k]) for k in rest if k in self._json.entries)
-            return found
         try:
-            rows = self._sql.get_many(rest)  # type: ignore[union-attr]
+            rows = self._sql.get_many(rest)
         except Exception as e:  # a database that fails mid-use: go on without it
             self._disable(f"cannot be read ({e})")
             return found
@@ -1170,11 +925,11 @@ class KappaCache:
                     n += 1
                     continue
                 raw = {
-                    "kappa": _encode_float(float(f["kappa"])),
+                    "kappa": encode_float(float(f["kappa"])),
                     "sigma_max": float(f["sigma_max"]), "sigma_min": float(f["sigma_min"]),
-                    "shape": [int(s) for s in f["shape"]], "dtype": str(f["dtype"]).replace("torch.", ""),
+                    "shape": [int(s) for s in f["shape"]], "dtype": dtype_name(f["dtype"]),
                     "layout": f["layout"],
-                    "per_matrix": None if pm is None else [_encode_float(float(v)) for v in pm],
+                    "per_matrix": None if pm is None else [encode_float(float(v)) for v in pm],
                     "name": f.get("name"),
                 }
                 self._new[key] = validate_entry(raw, key)
@@ -1205,25 +960,19 @@ class KappaCache:
 
     def _all_keys(self) -> set:
         self._ensure_loaded()
-        on_disk: Iterable[str] = ()
+        on_disk: List[str] = []
         if self._usable:
-            if self._json is not None:
-                on_disk = self._json.entries
-            else:
-                try:
-                    on_disk = self._sql.keys()  # type: ignore[union-attr]
-                except Exception as e:
-                    self._disable(f"cannot be read ({e})")
+            try:
+                on_disk = self._sql.keys()
+            except Exception as e:
+                self._disable(f"cannot be read ({e})")
         return (set(on_disk) - self._bad) | set(self._new)
 
     def clear_memory(self) -> None:
         """Forget what is held in memory (the file stays); the next access reads it again."""
         self._new, self._bad, self._loaded = {}, set(), False
         self._usable = self._writable = True
-        if self._json is not None:
-            self._json.entries = {}
-        if self._sql is not None:
-            self._sql.close()
+        self._sql.close()
 
     def __repr__(self) -> str:
         n = len(self) if self._loaded else "?"
@@ -1241,15 +990,12 @@ class KappaCache:
             return
         self._loaded = True
         try:
-            if self._json is not None:
-                self._json.entries = self._json.read(validate=False)  # each entry checked when used
-            else:
-                self._sql.connect()  # type: ignore[union-attr]
-                if self._sql.readonly is not None:  # type: ignore[union-attr]
-                    logger.warning("κ cache %s %s: using the values it holds, but new κ values will not be saved. "
-                                   "Pass a writable cache_dir (or set KAPPATUNE_CACHE_DIR) to keep them.",
-                                   self.path, self._sql.readonly)  # type: ignore[union-attr]
-                    self._writable = False
+            self._sql.connect()
+            if self._sql.readonly is not None:
+                logger.warning("κ cache %s %s: using the values it holds, but new κ values will not be saved. "
+                               "Pass a writable cache_dir (or set KAPPATUNE_CACHE_DIR) to keep them.",
+                               self.path, self._sql.readonly)
+                self._writable = False
         except _Symlink as e:
             self._refuse_link(e)
         except _NotOurs as e:
@@ -1258,7 +1004,7 @@ class KappaCache:
             self._usable = self._writable = False
         except _Unreadable as e:
             self._disable(f"cannot be read ({e}); ask its owner to make it readable and writable")
-        except _Corrupt as e:  # JSON: moved aside and rewritten at the next save
+        except _Corrupt as e:  # still damaged once moved aside and rebuilt
             logger.warning("κ cache %s is corrupt (%s): ignoring it, κ will be recomputed", self.path, e)
         except Exception as e:  # an OS or SQLite error opening it: never fails a scan
             self._disable(f"could not be opened ({type(e).__name__}: {e})")
@@ -1283,7 +1029,7 @@ class KappaCache:
             return False
         try:
             try:
-                self._write_entries(self._new)
+                self._sql.put_many(self._new)
             except _NotOurs as e:
                 logger.warning("κ cache %s not written: %s", self.path, e)
                 self._writable = False
@@ -1301,10 +1047,3 @@ class KappaCache:
         self._bad -= set(self._new)
         self._new = {}
         return True
-
-    def _write_entries(self, new: Mapping[str, dict]) -> None:
-        """Write the validated new entries to the store (one transaction, or one locked JSON rewrite)."""
-        if self._json is not None:
-            self._json.entries = self._json.write(new)
-        else:
-            self._sql.put_many(new)  # type: ignore[union-attr]

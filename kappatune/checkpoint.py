@@ -2,7 +2,7 @@
 
 :func:`scan_checkpoint` takes a Hugging Face model folder, a sharded checkpoint's index
 (``model.safetensors.index.json``) or one or more ``.safetensors`` files, and returns the same
-:class:`~kappatune.selection.KappaTable` that :func:`kappatune.scan` returns for the loaded model.
+:class:`~kappatune.table.KappaTable` that :func:`kappatune.scan` returns for the loaded model.
 
 Memory and speed
 ----------------
@@ -63,8 +63,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .refs import TensorRef, default_layout
-from .scan import scan_refs
-from .selection import KappaTable
+from .pipeline import scan_refs
+from .table import KappaTable
 
 __all__ = ["scan_checkpoint", "checkpoint_refs", "checkpoint_files", "checkpoint_layout", "CheckpointError",
            "SafetensorsFile", "INDEX_NAME", "WEIGHTS_NAME"]
@@ -258,12 +258,6 @@ def checkpoint_files(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List
     return _resolve(path_or_paths)[0]
 
 
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-                 "F8_E5M2FNUZ": "float8_e5m2fnuz", "I64": "int64", "I32": "int32",
-                 "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 class SafetensorsFile:
     """One safetensors file, opened once: its header parsed once, one descriptor for all its tensors.
 
@@ -340,7 +334,7 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         fd = self._open()
         code, shape, offset, nbytes = self._offsets[name]
-        dtype = getattr(torch, _TORCH_DTYPES.get(code, ""), None)
+        dtype = getattr(torch, _DTYPES.get(code, ("",))[0], None)
         if not isinstance(dtype, torch.dtype) or sys.byteorder != "little":  # rare: through safetensors
             with _safe_open(self.path) as f:
                 return f.get_tensor(name)
@@ -394,19 +388,25 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
     refs: List[TensorRef] = []
     where: Dict[str, Path] = {}
     for path in files:
-        handle = SafetensorsFile(path)
-        with _safe_open(path) as f:
-            for name in f.keys():
-                if name in where:
-                    raise CheckpointError(f"tensor {name!r} is in both {where[name]} and {path}; "
-                                          "pass the files of one checkpoint only")
-                where[name] = path
-                sl = f.get_slice(name)
-                shape = tuple(int(s) for s in sl.get_shape())
-                code = sl.get_dtype()
-                dtype, floating = _DTYPES.get(code, (code.lower(), False))
-                refs.append(TensorRef(name=name, shape=shape, dtype=dtype, load=_loader(handle, name),
-                                      layout=checkpoint_layout(name, shape), floating=floating))
+        handle = SafetensorsFile(path)  # the header, parsed once; the same object reads the tensors
+        try:
+            tensors = handle.tensors()
+        except CheckpointError:
+            with _safe_open(path):  # safetensors' own message for a file that is not safetensors
+                pass
+            raise
+        for name, code, shape, _, nbytes in sorted(tensors):
+            if name in where:
+                raise CheckpointError(f"tensor {name!r} is in both {where[name]} and {path}; "
+                                      "pass the files of one checkpoint only")
+            where[name] = path
+            dtype, floating = _DTYPES.get(code, (code.lower(), False))
+            size = getattr(getattr(torch, dtype, None), "itemsize", None)
+            if size is not None and nbytes != math.prod(shape) * size:
+                raise CheckpointError(f"{path}: not a valid safetensors file (tensor {name!r} has {nbytes} bytes, "
+                                      f"not shape {shape} of {code})")
+            refs.append(TensorRef(name=name, shape=shape, dtype=dtype, load=_loader(handle, name),
+                                  layout=checkpoint_layout(name, shape), floating=floating))
     for name, (shard, idx) in expected.items():
         if name not in where:
             raise CheckpointError(f"{idx}: the index puts {name!r} in {shard}, which does not hold it; "

@@ -20,7 +20,6 @@ This is the only module of kappatune that prints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ import os
 import stat
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -139,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="κ of a stacked 3-D tensor (mixture-of-experts weights): mean (default) or max "
                         "over its matrices")
     s.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="κ cache folder (or a .sqlite or .json file); the library's default: "
+                   help="κ cache folder (or a .sqlite file); the library's default: "
                         "$KAPPATUNE_CACHE_DIR, else $XDG_CACHE_HOME/kappatune, else ~/.cache/kappatune")
     s.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="matrices analysed at once, one BLAS thread each (default: torch's thread count, "
@@ -250,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 def read_scan(path: Path) -> Tuple[Any, Dict[str, Any]]:
     """``(KappaTable, document)`` of a file written by ``kappatune scan -o`` / ``--json``."""
-    from .selection import KappaTable
+    from .table import KappaTable
 
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -326,8 +324,8 @@ def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     from . import __version__
     from .cache import KappaCache, default_cache_dir
     from .checkpoint import checkpoint_files, checkpoint_refs
-    from .scan import resolve_workers as scan_workers
-    from .scan import scan_refs
+    from .pipeline import resolve_workers as scan_workers
+    from .pipeline import scan_refs
 
     files = checkpoint_files(args.paths)
     refs = checkpoint_refs(args.paths)
@@ -395,52 +393,37 @@ def _fmt_options(opts: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------
-_POLICY_FLAGS = ("num_tensors", "top_fraction", "param_budget", "max_kappa")
+_FLAGS = {k: "--" + k.replace("_", "-") for k in ("num_tensors", "top_fraction", "param_budget", "max_kappa")}
 
 
 def _policy(args: argparse.Namespace, required: bool) -> Any:
     """The one :class:`~kappatune.selection.SelectionPolicy` of the command line, or None."""
     from .selection import SelectionPolicy
 
-    given = [k for k in _POLICY_FLAGS if getattr(args, k) is not None]
     try:
-        policy = SelectionPolicy.from_options(vars(args))
+        return SelectionPolicy.resolve(spelling=_FLAGS, required=required, group_by=getattr(args, "group_by", None),
+                                       **{k: getattr(args, k) for k in _FLAGS})
     except ValueError as e:
-        if len(given) > 1:  # the library's "exactly one" rule, in the flags' spelling
-            raise CLIError("give only one selection policy; got "
-                           + ", ".join("--" + k.replace("_", "-") for k in given)) from None
-        raise CLIError(f"--{given[0].replace('_', '-')}: {e}" if given else str(e)) from None
-    if policy is None and required:
-        raise CLIError("give a selection policy: --num-tensors K, --top-fraction F, --param-budget B "
-                       "or --max-kappa T")
-    return policy
+        raise CLIError(str(e)) from None
 
 
 def _candidates(table: Any, args: argparse.Namespace) -> Any:
     """The table restricted to --include/--exclude (what is shown and selectable)."""
-    inc, exc = _regexes(args.include, "--include"), _regexes(args.exclude, "--exclude")
-    if not inc and not exc:
+    from .refs import NameFilter
+
+    try:
+        names = NameFilter(args.include, args.exclude, arg_names=("--include", "--exclude"))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not names.active:
         return table
-    keep = [e.name for e in table if (not inc or any(r.search(e.name) for r in inc))
-            and not any(r.search(e.name) for r in exc)]
+    keep = [e.name for e in table if names(e.name)]
     if not keep:
         raise CLIError(f"no tensor of the {len(table)} in the κ table passes --include {args.include} "
                        f"--exclude {args.exclude}")
     sub = table.subset(keep)
     sub.skipped = dict(table.skipped)
     return sub
-
-
-def _regexes(patterns: Optional[List[str]], flag: str) -> List[Any]:
-    import re
-
-    out = []
-    for p in patterns or []:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise CLIError(f"{flag} {p!r}: invalid regular expression ({e})") from None
-    return out
 
 
 def _select(table: Any, args: argparse.Namespace, required: bool) -> Tuple[List[str], Dict[str, Any]]:
@@ -672,8 +655,10 @@ def write_output(path: str, data: bytes) -> None:
     target = Path(os.path.realpath(p)) if p.is_symlink() else p
     if not target.parent.is_dir():
         raise CLIError(f"{path}: the folder {target.parent} does not exist")
+    from ._files import write_atomic
+
     try:
-        tfd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        write_atomic(target, data, mode=None if st is None else stat.S_IMODE(st.st_mode))
     except PermissionError:
         if st is None:
             raise
@@ -682,25 +667,6 @@ def write_output(path: str, data: bytes) -> None:
             _write_all(out, data)
         finally:
             os.close(out)
-        return
-    try:
-        if st is not None:
-            mode = stat.S_IMODE(st.st_mode)
-        else:
-            mask = os.umask(0o022)
-            os.umask(mask)
-            mode = 0o666 & ~mask
-        os.fchmod(tfd, mode)
-        _write_all(tfd, data)
-        os.close(tfd)
-        tfd = -1
-        os.replace(tmp, target)
-    except BaseException:
-        if tfd >= 0:
-            os.close(tfd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ checkpoint's size. It has the shape of a PEFT adapter folder:
 * ``delta_model.safetensors``: the **trained values** :math:`W_1` of each trained tensor, under its
   parameter name, in its dtype;
 * ``delta_config.json``: ``format``, ``version``, per tensor its shape, dtype, the content digest of
-  its **base** value :math:`W_0` (:func:`kappatune.tensor_digest`, the κ cache's digest) and of
+  its **base** value :math:`W_0` (:func:`kappatune.cache.tensor_digest`, the κ cache's digest) and of
   :math:`W_1`, the κ table rows of the trained tensors, and how it was trained.
 
 :func:`apply_delta` first checks every base digest against the model and refuses a model that is
@@ -40,11 +40,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._files import umask, write_atomic
+from ._numbers import encode_float
 from .cache import tensor_digest
 from .distributed import unwrap_model
 from .refs import dtype_name
@@ -75,26 +77,6 @@ def _safetensors():
     except ImportError:  # pragma: no cover - safetensors comes with transformers and the hf/cli extras
         raise DeltaError("deltas are safetensors files: pip install safetensors") from None
     return st
-
-
-def _num(x: float) -> Any:
-    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else x)
-
-
-def _write_new(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary name in ``path``'s folder, flushed to disk, then renamed to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _prepare_folder(path: Path, overwrite: bool) -> None:
@@ -158,7 +140,7 @@ def save_delta(path: PathLike, *, tuned: Mapping[str, torch.Tensor], base: Mappi
                       "tuned_digest": tensor_digest(cpu)}
         e = (entries or {}).get(n)
         if e is not None:
-            tensors[n]["kappa"] = _num(float(e.kappa))
+            tensors[n]["kappa"] = encode_float(float(e.kappa))
     changed = sum(1 for n in tensors if tensors[n]["base_digest"] != tensors[n]["tuned_digest"])
     from . import __version__
 
@@ -179,9 +161,9 @@ def save_delta(path: PathLike, *, tuned: Mapping[str, torch.Tensor], base: Mappi
     }
     _prepare_folder(path, overwrite)
     text = json.dumps(cfg, indent=2, allow_nan=False) + "\n"
-    _write_new(path / DELTA_WEIGHTS_NAME,
+    write_atomic(path / DELTA_WEIGHTS_NAME,
                lambda tmp: st.save_file(tensors_cpu, str(tmp), metadata={"format": "pt", "kappatune": _FORMAT}))
-    _write_new(path / DELTA_CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(path / DELTA_CONFIG_NAME, text.encode("utf-8"))
     logger.info("save_delta: %d tensors (%d changed), %s bytes to %s", len(tensors), changed, cfg["nbytes"], path)
     return path
 
@@ -389,7 +371,7 @@ def apply_delta_to_checkpoint(base_dir: PathLike, delta_dir: PathLike, out_dir: 
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             stats = _write_blended(base_dir, delta_dir, tmp, files, metas, alpha)
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~umask())
             if os.path.lexists(out):
                 raise DeltaError(f"{out}: appeared while the checkpoint was being written; nothing replaced")
             os.rename(tmp, out)
@@ -403,12 +385,6 @@ def apply_delta_to_checkpoint(base_dir: PathLike, delta_dir: PathLike, out_dir: 
             f.close()
     stats["out"] = str(out)
     return stats
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_blended(base_dir: Path, delta_dir: Path, tmp: Path, files: Sequence[Any],

@@ -25,11 +25,11 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .selection import KappaTable
+from ._numbers import encode_float
+from .table import KappaTable
 
 __all__ = ["FORMATS", "axolotl_pattern", "axolotl_yaml", "peft_targets", "format_selection"]
 
@@ -67,10 +67,6 @@ def peft_targets(names: Iterable[str]) -> Tuple[List[str], List[str]]:
     return modules, others
 
 
-def _num(x: float) -> Any:
-    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else x)
-
-
 def format_selection(
     table: KappaTable,
     selected: Sequence[str],
@@ -104,7 +100,7 @@ def format_selection(
             "analysed_tensors": len(table),
             "analysed_numel": total,
             "selected": [e.name for e in entries],
-            "tensors": [{"name": e.name, "kappa": _num(e.kappa), "shape": list(e.shape), "numel": e.numel}
+            "tensors": [{"name": e.name, "kappa": encode_float(e.kappa), "shape": list(e.shape), "numel": e.numel}
                         for e in entries],
         }
         return json.dumps(doc, indent=2, allow_nan=False) + "\n"

@@ -1,4 +1,4 @@
-"""Condition numbers of weight tensors.
+"""Condition numbers (and Spectrum's SNR) of weight tensors.
 
 The condition number of a matrix :math:`W \\in \\mathbb{R}^{m\\times n}` is
 
@@ -6,83 +6,65 @@ The condition number of a matrix :math:`W \\in \\mathbb{R}^{m\\times n}` is
 
 with :math:`\\sigma_{\\min}` the smallest of its :math:`\\min(m, n)` singular values.
 
-Method
-------
-Only the two extreme singular values are needed, so kappatune never computes singular
-vectors. Every matrix is upcast to float64 and its short-side Gram matrix formed,
-:math:`G = W W^\\top` (or :math:`W^\\top W`), whose eigenvalues are :math:`\\sigma_i^2` (on the
-CPU through numpy, whose ``W @ W.T`` is a symmetric rank-k update, BLAS ``dsyrk``, at half the
-flops of a general product). Then :math:`\\kappa = \\sqrt{\\lambda_{\\max}(G) / \\lambda_{\\min}(G)}`
-with the two extreme eigenvalues found by one of these, in this order:
+Guarantee
+---------
+For every finite input, in any floating dtype and on any device, every κ this module returns (of
+one matrix, of each matrix of a stack, in every layout) agrees with a float64 SVD
+(``numpy.linalg.svd``) to better than ``1e-6`` relative for every κ up to ``1e6``, whichever of
+the four methods below computes it; beyond ``1e6`` the SVD path is accurate to about
+``1e-16 · κ``. Moreover:
 
-1. **Dense** (CPU default; every side up to 96 everywhere): all eigenvalues of :math:`G`
-   (LAPACK ``dsyevd``: through numpy's OpenBLAS for sides below 1024, torch's MKL from 1024).
-2. **Certified extremes** (default off the CPU for sides above 96; on the CPU below
-   ``_CERTIFIED_MAX_SHORT_CPU``, 0 by default because measured slower there, see below).
-   :math:`\\lambda_{\\max}`: block Lanczos on :math:`G` (block 8, full reorthogonalisation,
-   Rayleigh–Ritz on the whole basis at dimensions 24, 48, 96, …) gives a Ritz value
-   :math:`\\theta \\le \\lambda_{\\max}`; the Cholesky factorisation of
-   :math:`\\theta(1+\\tau) I - G` succeeding proves :math:`\\lambda_{\\max} < \\theta(1+\\tau)`
-   (Sylvester's law of inertia: a symmetric matrix with a Cholesky factor has no eigenvalue
-   :math:`\\le 0`). :math:`\\lambda_{\\min}`: Cholesky :math:`G = L L^\\top`, block Lanczos on
-   :math:`G^{-1}` (two triangular solves with :math:`L` per block) gives
-   :math:`u = 1/\\theta' \\ge \\lambda_{\\min}`; the Cholesky factorisation of
-   :math:`G - u(1-\\tau) I` succeeding proves :math:`\\lambda_{\\min} > u(1-\\tau)`. With
-   :math:`\\tau = 4\\cdot10^{-7}` both extremes are certified to :math:`\\tau` relative, so
-   :math:`\\sqrt{\\theta / u}` is within :math:`\\tau` of the κ of :math:`G`. The iteration stops
-   when the Kato–Temple estimate :math:`\\rho^2/\\mathrm{gap}` of its Ritz value (``ρ`` the residual
-   norm, ``gap`` to the next Ritz value) is below :math:`4\\cdot10^{-8}` relative; it gives up at a
-   basis of max(96, a quarter of the side) (sides up to 192: the whole space, where the Ritz values
-   are the eigenvalues). A certificate that fails or an iteration that gives up sends
-   the matrix to the dense method.
-3. **QR** (κ² too large for the Gram matrix, sides above 96): :math:`R` of the QR factorisation
-   of :math:`W^\\top` (or :math:`W`), so that :math:`G = R^\\top R` without forming it;
-   :math:`H = (R^\\top R)^{-1} = R^{-1} R^{-\\top}` (LAPACK ``potri``: triangular inverse and
-   product, accurate to about :math:`\\varepsilon\\,\\kappa`, not :math:`\\varepsilon\\,\\kappa^2`);
-   block Lanczos on :math:`H` for :math:`1/\\lambda_{\\min}`, certified by the Cholesky
-   factorisation of :math:`\\theta(1+\\tau) I - H`. :math:`\\lambda_{\\max}` comes from :math:`G`
-   (well conditioned at every κ). Its first-order error :math:`\\sqrt{\\max(m,n)}\\,\\varepsilon\\,\\kappa`
-   must stay below ``1e-7`` and κ below ``1e10``.
-4. **SVD** (last resort: κ beyond the QR path, a failed QR certificate, rank deficiency, and
-   ill-conditioned matrices with sides up to 96): a values-only float64 SVD (LAPACK ``dgesdd``
-   through numpy on the CPU, ``torch.linalg.svdvals`` elsewhere), relative error on
+* κ is computed in float64 where the tensor is (on the CPU for Apple MPS, which has no float64).
+* κ is a deterministic function of the matrix: no random state enters (the Lanczos start block
+  is fixed), repeated runs give the same bits, and a matrix in a stack or alone gets the same κ
+  up to the rounding of batched BLAS calls (about ``1e-15`` relative).
+* Rank-deficient matrices (:math:`\\sigma_{\\min} \\le \\sigma_{\\max}\\,\\max(m,n)\\,\\varepsilon`,
+  numpy's ``matrix_rank`` tolerance in float64) and all-zero matrices get ``κ = inf``. The test is
+  on the values as stored: a low-rank product rounded to float32 or bf16 is, as stored, full rank
+  with a very large but finite κ.
+* Weights holding NaN or Inf raise :class:`ValueError` naming the tensor.
+* Weights of extreme magnitude (a squared row norm outside :math:`[2^{-600}, 2^{600}]`, i.e.
+  weights beyond about ``1e±154``) are first rescaled by an exact power of two (κ unchanged, σ
+  scaled back exactly), so nothing overflows or underflows.
+
+Methods
+-------
+Only the two extreme singular values are computed, never singular vectors. With the float64 Gram
+matrix of the short side, :math:`G = W W^\\top` (or :math:`W^\\top W`), whose eigenvalues are
+:math:`\\sigma_i^2`,
+
+.. math::  \\kappa = \\sqrt{\\lambda_{\\max}(G) / \\lambda_{\\min}(G)}.
+
+Forming :math:`G` squares the conditioning: rounding perturbs κ by about
+
+.. math::  \\tfrac12 \\sqrt{\\max(m,n)}\\; \\varepsilon\\, \\kappa^2, \\qquad \\varepsilon = 2.2\\cdot10^{-16},
+
+so the methods on :math:`G` are used only while that estimate is at most ``1e-7`` (κ up to about
+6000 for a side of 576). The extreme eigenvalues come from the first of these that applies:
+
+1. **Dense**: every eigenvalue of :math:`G`. The default on the CPU, and on every device for
+   sides up to 96.
+2. **Certified extremes** (off the CPU, sides above 96): block Lanczos gives
+   :math:`\\theta \\le \\lambda_{\\max}(G)` and, on :math:`G^{-1}`, :math:`u \\ge \\lambda_{\\min}(G)`;
+   the Cholesky factorisations of :math:`\\theta(1+\\tau) I - G` and of :math:`G - u(1-\\tau) I`
+   succeeding prove :math:`\\lambda_{\\max} < \\theta(1+\\tau)` and :math:`\\lambda_{\\min} > u(1-\\tau)`
+   (Sylvester's law of inertia), :math:`\\tau = 4\\cdot10^{-7}`. A failed certificate or an
+   iteration that does not converge sends the matrix to method 1.
+3. **QR** (the estimate above ``1e-7``, sides above 96): with :math:`R` the triangular factor of
+   the QR factorisation of :math:`W^\\top` (or :math:`W`), :math:`G = R^\\top R`, and
+   :math:`\\lambda_{\\min}(G) = 1/\\lambda_{\\max}(H)` with :math:`H = R^{-1} R^{-\\top}`, formed
+   without :math:`G` (error about :math:`\\varepsilon\\,\\kappa`, not :math:`\\varepsilon\\,\\kappa^2`);
+   block Lanczos on :math:`H`, certified by the Cholesky factorisation of
+   :math:`\\theta(1+\\tau) I - H`; :math:`\\lambda_{\\max}` from :math:`G`. Used while
+   :math:`\\sqrt{\\max(m,n)}\\,\\varepsilon\\,\\kappa \\le 10^{-7}` and :math:`\\kappa \\le 10^{10}`.
+4. **SVD** (everything else: κ beyond the QR path, a failed QR certificate, rank deficiency,
+   ill-conditioned matrices with sides up to 96): a values-only float64 SVD, relative error on
    :math:`\\sigma_{\\min}` about :math:`\\varepsilon\\,\\kappa`.
 
-The Gram matrix squares the condition number: rounding perturbs :math:`\\lambda_{\\min}` by
-roughly :math:`c\\,\\varepsilon\\,\\lambda_{\\max}` and the relative error of κ is about
-:math:`\\tfrac12 c\\,\\varepsilon\\,\\kappa^2` (:math:`\\varepsilon = 2.2\\cdot10^{-16}`,
-:math:`c = \\sqrt{\\max(m,n)}`). Methods 1–2 are used while that estimate is at most ``1e-7``
-(κ up to about 6000 for a side of 576, 4900 for 1536), method 3 above. The certificates are
-statements about the computed Gram matrix; the rounding of the factorisations is a backward
-error of the same order as that of the Gram product and is covered by the same estimate.
-
-Why the dense method is the CPU default: on the reference machine (``benchmarks/kappa_paths.py``,
-results in ``benchmarks/results/kappa_paths/``) LAPACK's ``dsyevd`` of a 576² Gram matrix costs
-about six Cholesky factorisations, and MKL's of a 2048² one about two and a half; the certified
-extremes need three factorisations plus the Lanczos iterations (dozens of block steps on the
-Marchenko–Pastur spectra of random initialisations), so they cost more. On a GPU the
-tridiagonalisation behind ``eigvalsh`` is the slow operation and factorisations are cheap.
-
-Extreme magnitudes: a Gram diagonal (a squared row norm) outside :math:`[2^{-600}, 2^{600}]` —
-weights above about 1e154 or below 1e-154 — makes kappatune rescale the matrix by an exact power
-of two first (κ unchanged, σ scaled back exactly), so an orthogonal matrix times 1.5e308 does not
-overflow and a matrix of 1e-161 does not lose digits to a subnormal Gram matrix.
-
-**Guarantee**: for every finite float64 input, the returned κ agrees with a float64 SVD
-(``numpy.linalg.svd``) to better than ``1e-6`` relative for every κ up to ``1e6`` (and beyond:
-the SVD path is accurate to about ``1e-16 · κ``). The tests check this on matrices built with
-known singular values for every method, with clustered and repeated extremes, κ on both sides of
-each switch point, and tiny and huge magnitudes.
-
-Rank-deficient matrices (:math:`\\sigma_{\\min} \\le \\sigma_{\\max}\\,\\max(m,n)\\,\\varepsilon`,
-numpy's ``matrix_rank`` tolerance in float64) and all-zero matrices get ``κ = inf``. The test is
-on the values as stored: a low-rank product rounded to float32 or bf16 is, as stored, full rank
-with a very large but finite κ. Weights holding NaN
-or Inf raise :class:`ValueError` naming the tensor.
-
-The Lanczos start block is fixed (generated on the CPU from a fixed seed), so κ does not depend
-on any random state: repeated runs give the same bits, and a matrix in a stack or alone gets the
-same κ up to the rounding of batched BLAS calls (about 1e-15 relative).
+The certificates are statements about the computed :math:`G`; the rounding of the factorisations
+is a backward error of the same order as that of the Gram product and is covered by the same
+estimate. How each method is carried out, why the CPU uses the dense one, and what each costs:
+the documentation's concept page "How κ is computed" and the κ-methods benchmark.
 
 Layouts
 -------
@@ -111,8 +93,7 @@ arXiv 2406.06623) ranks matrices by, from all :math:`k = \\min(m, n)` singular v
 edge of an :math:`m\\times n` noise matrix of that scale. As in Spectrum's code, the noise sum is
 1 when no singular value is at or below :math:`\\tau`, and an SNR whose noise sum is 0 is
 ``inf``; an all-zero matrix has SNR 0 (Spectrum would divide by :math:`\\sigma_1 = 0`). Higher SNR
-ranks first. The singular values come from a values-only float64 SVD (LAPACK ``dgesdd``
-through numpy on the CPU, ``torch.linalg.svdvals`` elsewhere), each accurate to about
+ranks first. The singular values come from a values-only float64 SVD, each accurate to about
 :math:`\\varepsilon\\,\\sigma_1`; the κ methods above are not involved (κ needs two singular
 values, the SNR all of them). Layouts as for κ; a stack gets one SNR per matrix, aggregated with
 ``"mean"`` or ``"max"``.
@@ -127,9 +108,10 @@ from typing import Callable, Literal, Optional, Tuple
 import numpy as np
 import torch
 
+from ._numbers import aggregate_values
 from .refs import Layout, resolve_layout
 
-__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "resolve_layout", "SnrResult", "snr_of",
+__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "SnrResult", "snr_of",
            "snr_from_singular_values", "mp_threshold", "IQR_TO_SIGMA"]
 
 Aggregate = Literal["mean", "max"]
@@ -476,7 +458,7 @@ def condition_numbers(stack: torch.Tensor, *, name: str = "tensor") -> torch.Ten
     Example::
 
         >>> w = torch.randn(8, 64, 32)
-        >>> kappatune.condition_numbers(w).shape
+        >>> kappatune.kappa.condition_numbers(w).shape
         torch.Size([8])
     """
     return _stack_extremes(stack, name)[0]
@@ -533,7 +515,7 @@ def kappa_of(
     if lay != "stack":
         return KappaResult(float(kappa[0]), float(smax[0]), float(smin[0]), lay)
     per = tuple(float(k) for k in kappa)
-    agg = float(kappa.max()) if aggregate == "max" else float(kappa.mean())
+    agg = aggregate_values(per, aggregate)
     return KappaResult(agg, float(smax.max()), float(smin.min()), lay, per)
 
 
@@ -710,7 +692,6 @@ def snr_of(
     if lay != "stack":
         return SnrResult(*parts[0], layout=lay)
     per = tuple(p[0] for p in parts)
-    agg = max(per) if aggregate == "max" else (math.inf if any(math.isinf(v) for v in per)
-                                               else math.fsum(per) / len(per))
+    agg = aggregate_values(per, aggregate)
     nan = math.nan
     return SnrResult(agg, max(p[1] for p in parts), nan, nan, nan, lay, per)

@@ -1,7 +1,7 @@
 """KappaTuneOptimizer: train only the lowest-κ tensors of a model, with any torch optimizer.
 
 :class:`KappaTuneOptimizer` scans the model (through the :class:`~kappatune.cache.KappaCache`),
-selects tensors with one policy of :meth:`~kappatune.selection.KappaTable.select`, sets
+selects tensors with one policy of :meth:`~kappatune.table.KappaTable.select`, sets
 ``requires_grad=False`` on every other parameter and builds the inner optimizer over the selected
 tensors only. The inner optimizer never sees a frozen tensor, so neither its update nor its
 weight decay can touch one, and its state (e.g. AdamW's two moments) is allocated for the
@@ -44,16 +44,16 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from .cache import KappaCache
 from .delta import save_delta as _save_delta
 from .distributed import (check_ddp_selection, check_same_selection, check_wrapped_model, sharding_kind,
                           unwrap_model)
-from .refs import clean_name
+from .refs import Patterns, clean_name, dtype_name
 from .resolve import named_parameters, resolve_selection
-from .scan import CacheArg
-from .selection import FreezeHandle, GroupBy, KappaEntry, KappaTable, Patterns, SelectionPolicy, freeze_all_but
+from .pipeline import CacheArg
+from .selection import FreezeHandle, GroupBy, SelectionPolicy, freeze_all_but
+from .table import KappaEntry, KappaTable
 
-__all__ = ["KappaTuneOptimizer", "SelectiveFineTuningOptimizer", "unwrap_model", "STATE_KEY", "DECAY_KEY"]
+__all__ = ["KappaTuneOptimizer", "OptimizerFactory", "unwrap_model", "STATE_KEY", "DECAY_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,28 +137,6 @@ def _build_inner(optimizer: OptimizerFactory, params: List[nn.Parameter], kwargs
                          f"tensors it was given (it holds {len(held)}); pass a factory that optimizes the params "
                          "it receives")
     return inner
-
-
-def _one_policy(policy: Optional[SelectionPolicy], names: Optional[Sequence[str]], group_by: Any,
-                keywords: Dict[str, Any]) -> Optional[SelectionPolicy]:
-    """The one :class:`SelectionPolicy` of the constructor's arguments (``None`` with ``names=``)."""
-    given = sorted(k for k, v in keywords.items() if v is not None)
-    if policy is not None and not isinstance(policy, SelectionPolicy):
-        raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
-    if names is not None:
-        if given or policy is not None:
-            raise ValueError(f"names= is an explicit selection: do not combine it with a selection policy "
-                             f"(got {', '.join(given) or 'policy='})")
-        if group_by is not None:
-            raise ValueError("group_by applies to a selection policy, not to an explicit names= list")
-        return None
-    if policy is not None:
-        if given or group_by is not None:
-            raise ValueError(f"give policy= or the policy keywords, not both (got policy= and "
-                             f"{', '.join(given) or 'group_by='})")
-        return policy
-    return SelectionPolicy.build(alternative="names= (an explicit list of parameter names)", group_by=group_by,
-                                 **keywords)
 
 
 def _with_frozen_excluded(module: nn.Module, exclude: Patterns) -> List[str]:
@@ -378,8 +356,10 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         if "cache_dir" in optimizer_kwargs:  # the old spelling, not an optimizer argument
             _warn_deprecated("cache_dir=", "cache=")
             cache = optimizer_kwargs.pop("cache_dir")
-        policy = _one_policy(policy, names, group_by, dict(num_tensors=num_tensors, top_fraction=top_fraction,
-                                                          param_budget=param_budget, max_kappa=max_kappa))
+        policy = SelectionPolicy.resolve(policy, names=names, group_by=group_by,
+                                         alternative="names= (an explicit list of parameter names)",
+                                         num_tensors=num_tensors, top_fraction=top_fraction,
+                                         param_budget=param_budget, max_kappa=max_kappa)
         module = unwrap_model(model)
         check_wrapped_model(model, scanning=names is None and table is None)
         if skip_frozen and names is None:
@@ -925,7 +905,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         kappas = rec.get("kappas") or {}
         by_name = named_parameters(module)
         entries = [KappaEntry(name=n, kappa=float(kappas.get(n, math.nan)), shape=tuple(by_name[n].shape),
-                              numel=by_name[n].numel(), dtype=str(by_name[n].dtype).replace("torch.", ""))
+                              numel=by_name[n].numel(), dtype=dtype_name(by_name[n].dtype))
                    for row in groups for n in row]
         opt = cls(model, optimizer, names=groups[0], table=KappaTable(entries), cache=None, progress=False,
                   **optimizer_kwargs)
@@ -1003,54 +983,3 @@ def _validate_record(module: nn.Module, n_groups: int, rec: Any, sd: Mapping[str
             + ". Load it into the model it was saved for, or start a fresh KappaTuneOptimizer."
         )
     return groups
-
-
-class SelectiveFineTuningOptimizer(KappaTuneOptimizer):
-    """Drop-in replacement for the reference ``SelectiveFineTuningOptimizer`` (same signature).
-
-    Maps onto :class:`KappaTuneOptimizer`: ``num_tensors_to_finetune`` → ``num_tensors``,
-    ``max_dim_size_to_analyze`` → ``max_dim``, ``condition_file`` → ``KappaCache(condition_file)``
-    (a ``.json`` path; a file in the reference's own name → κ format is not a kappatune cache and
-    is left untouched: κ is recomputed), ``optimizer_args`` → the inner optimizer's kwargs. The
-    reference attributes ``optimizer``, ``condition_numbers`` and ``trainable_param_names`` are
-    kept; unlike the reference it is a real ``torch.optim.Optimizer``.
-
-    Example::
-
-        >>> opt = SelectiveFineTuningOptimizer(model, torch.optim.AdamW, {"lr": 1e-4},
-        ...                                    num_tensors_to_finetune=20, max_dim_size_to_analyze=16384)
-    """
-
-    def __init__(self, model: nn.Module, base_optimizer_cls: OptimizerFactory, optimizer_args: Dict[str, Any],
-                 condition_file: str = "condition_numbers.json", num_tensors_to_finetune: int = 100,
-                 recompute: bool = False, max_dim_size_to_analyze: Optional[int] = None) -> None:
-        if optimizer_args is None:
-            optimizer_args = {}
-        if not isinstance(optimizer_args, Mapping):
-            raise TypeError(f"optimizer_args must be a dict of keyword arguments for {base_optimizer_cls!r}, "
-                            f"got {type(optimizer_args).__name__}")
-        self.condition_file = condition_file
-        self.num_tensors_to_finetune = num_tensors_to_finetune
-        self.recompute = recompute
-        self.max_dim_size_to_analyze = max_dim_size_to_analyze
-        super().__init__(model, base_optimizer_cls, num_tensors=num_tensors_to_finetune,
-                         max_dim=max_dim_size_to_analyze, cache=KappaCache(condition_file),
-                         recompute=recompute, progress=False, **dict(optimizer_args))
-
-    _PICKLED = KappaTuneOptimizer._PICKLED + ("condition_file", "num_tensors_to_finetune", "recompute",
-                                              "max_dim_size_to_analyze")
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The base optimizer (the reference's attribute name for :attr:`inner`)."""
-        return self.inner
-
-    @property
-    def condition_numbers(self) -> Dict[str, float]:
-        """name → κ of every analysed tensor (the reference's attribute)."""
-        return self._table.kappas
-
-    @property
-    def trainable_param_names(self) -> set:
-        """Names of the trained tensors (the reference's attribute)."""
-        return set(self._selected)

@@ -1,7 +1,7 @@
 """Pictures of a κ table: a heatmap by layer × module kind, and a histogram of log κ.
 
-The heatmap has one row per layer index (:func:`kappatune.selection.layer_index`) and one column
-per module kind (:func:`kappatune.selection.module_kind`: ``q_proj``, ``up_proj``, … whatever the
+The heatmap has one row per layer index (:func:`kappatune.refs.layer_index`) and one column
+per module kind (:func:`kappatune.refs.module_kind`: ``q_proj``, ``up_proj``, … whatever the
 model calls them), coloured by κ on a log scale. Tensors without a layer index (embeddings, the
 output head) share a last row, ``other``. A cell that holds several tensors (the experts of a
 mixture-of-experts layer, say) shows their geometric mean. When one kind appears under several
@@ -25,7 +25,8 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from .selection import KappaTable, module_kind
+from .refs import module_kind
+from .table import KappaTable
 
 __all__ = ["plot_kappa", "kappa_grid", "figure_size", "image_format", "KappaGrid"]
 

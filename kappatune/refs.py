@@ -1,4 +1,5 @@
-"""What every reader of tensors shares: :class:`TensorRef`, the layout rule, matrix dimensions.
+"""What every reader of tensors shares: :class:`TensorRef`, the layout rule, matrix dimensions,
+and which tensors are eligible (:class:`NameFilter`, :class:`Eligibility`).
 
 A leaf module: it imports nothing else from kappatune, and :mod:`~kappatune.scan`,
 :mod:`~kappatune.checkpoint`, :mod:`~kappatune.quant`, :mod:`~kappatune.kappa` and
@@ -25,13 +26,15 @@ parameters such as ``experts.gate_up_proj``) or contains ``conv``; every other 3
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
-import torch
+if TYPE_CHECKING:  # torch is not imported at run time: the cache and the CLI use this module without it
+    import torch
 
 __all__ = ["TensorRef", "Layout", "default_layout", "resolve_layout", "matrix_dims", "num_matrices",
-           "dtype_name", "clean_name"]
+           "dtype_name", "clean_name", "module_kind", "layer_index", "Patterns", "NameFilter", "Eligibility"]
 
 Layout = Literal["auto", "matrix", "flatten", "stack"]
 
@@ -133,8 +136,13 @@ def num_matrices(shape: Sequence[int], layout: str = "auto") -> int:
     return tuple(shape)[0] if resolve_layout(shape, layout) == "stack" else 1  # type: ignore[arg-type]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` → ``"bfloat16"`` (the spelling of :attr:`TensorRef.dtype`)."""
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` (or the string ``"torch.bfloat16"``) → ``"bfloat16"``: the one spelling
+    of dtypes in kappatune's records (:attr:`TensorRef.dtype`, κ tables, the cache, deltas).
+
+    Args:
+        dtype (torch.dtype or str): the dtype.
+    """
     return str(dtype).replace("torch.", "")
 
 
@@ -145,3 +153,195 @@ def clean_name(name: str) -> str:
     checkpointing and ``torch.compile`` wrappers).
     """
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
+
+
+# -- names -----------------------------------------------------------------------------------------
+_PARAM_LEAVES = {"weight", "bias"}
+_INT = re.compile(r"^\d+$")
+
+
+def module_kind(name: str) -> str:
+    """The module kind of a parameter name: ``model.layers.3.self_attn.q_proj.weight`` → ``q_proj``.
+
+    A parameter that is not called ``weight``/``bias`` is its own kind
+    (``model.layers.0.mlp.experts.gate_up_proj`` → ``gate_up_proj``).
+
+    Args:
+        name (str): a parameter name.
+    """
+    parts = [p for p in name.split(".") if not _INT.match(p)]
+    if len(parts) > 1 and parts[-1] in _PARAM_LEAVES:
+        return parts[-2]
+    return parts[-1] if parts else name
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The first integer component of a parameter name (``model.layers.3.…`` → 3), or ``None``.
+
+    Args:
+        name (str): a parameter name.
+    """
+    for p in name.split("."):
+        if _INT.match(p):
+            return int(p)
+    return None
+
+
+#: What ``include=``/``exclude=`` accept: ``None``, one regex, or a sequence of them.
+Patterns = Union[None, str, Sequence[str]]
+
+
+def _compile(patterns: Patterns, arg: str) -> List["re.Pattern[str]"]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    elif isinstance(patterns, bytes) or not isinstance(patterns, Iterable):
+        raise TypeError(f"{arg} must be a regex string or a sequence of them, got {type(patterns).__name__}")
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{arg} must be a regex string or a sequence of them, got an element of type "
+                            f"{type(p).__name__}")
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"{arg}: invalid regular expression {p!r}: {e}") from None
+    return out
+
+
+class NameFilter:
+    """The include/exclude rule on tensor names, shared by the scan, the table, the optimizer, the
+    PEFT bridge and the command line.
+
+    A name passes when it matches (``re.search``) at least one ``include`` pattern (or none are
+    given) and no ``exclude`` pattern.
+
+    Args:
+        include (None, str or sequence of str): regexes a name must match one of. Default:
+            ``None`` (every name).
+        exclude (None, str or sequence of str): regexes no name may match. Default: ``None``.
+        arg_names (Tuple[str, str], optional): how the two arguments are named in errors. Default:
+            ``("include", "exclude")`` (the command line passes ``("--include", "--exclude")``).
+
+    Raises:
+        TypeError: a pattern that is not a string.
+        ValueError: a pattern that is not a valid regular expression, naming the argument.
+    """
+
+    def __init__(self, include: Patterns = None, exclude: Patterns = None, *,
+                 arg_names: Tuple[str, str] = ("include", "exclude")) -> None:
+        if include is not None and not isinstance(include, (str, bytes)):
+            include = list(include) if isinstance(include, Iterable) else include  # read a generator once
+        if exclude is not None and not isinstance(exclude, (str, bytes)):
+            exclude = list(exclude) if isinstance(exclude, Iterable) else exclude
+        self.include = include
+        self.exclude = exclude
+        self._inc = _compile(include, arg_names[0])
+        self._exc = _compile(exclude, arg_names[1])
+
+    def reason(self, name: str) -> Optional[str]:
+        """Why ``name`` is filtered out (``"not included"`` or ``"excluded"``), or ``None`` if it passes.
+
+        Args:
+            name (str): a tensor name.
+        """
+        if self._inc and not any(r.search(name) for r in self._inc):
+            return "not included"
+        if any(r.search(name) for r in self._exc):
+            return "excluded"
+        return None
+
+    def __call__(self, name: str) -> bool:
+        return self.reason(name) is None
+
+    @property
+    def active(self) -> bool:
+        """Whether any pattern is set."""
+        return bool(self._inc or self._exc)
+
+    def __repr__(self) -> str:
+        return f"NameFilter(include={self.include!r}, exclude={self.exclude!r})"
+
+
+class Eligibility:
+    """Which tensors are analysed (and so selectable): the scan's filters, in one place.
+
+    A tensor is skipped, with the reason recorded in :attr:`KappaTable.skipped
+    <kappatune.table.KappaTable.skipped>`, when its name does not pass ``names``
+    (``"not included"``, ``"excluded"``), it has fewer than ``max(min_ndim, 2)`` dimensions
+    (``"ndim<k"``), it is not floating point, it is empty, or one side of the matrices it is
+    analysed as (:func:`matrix_dims`) is longer than ``max_dim`` (``"max_dim"``).
+
+    Args:
+        min_ndim (int, optional): fewer dimensions are skipped; at least 2 always applies.
+            Default: ``2`` (biases and norms are skipped).
+        max_dim (int, optional): a matrix side longer than this is skipped. Default: ``None``
+            (no limit).
+        names (NameFilter, optional): include/exclude patterns. Default: ``None`` (every name).
+        arg_names (Tuple[str, str], optional): how ``min_ndim`` and ``max_dim`` are named in errors.
+            Default: ``("min_ndim", "max_dim")`` (PEFT's bridge passes ``max_dim_size_to_analyze``).
+
+    Raises:
+        ValueError: ``min_ndim`` not an int >= 1, or ``max_dim`` neither ``None`` nor an int >= 1.
+    """
+
+    def __init__(self, min_ndim: int = 2, max_dim: Optional[int] = None, names: Optional[NameFilter] = None, *,
+                 arg_names: Tuple[str, str] = ("min_ndim", "max_dim")) -> None:
+        if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
+            raise ValueError(f"{arg_names[0]} must be an int >= 1, got {min_ndim!r}")
+        if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
+            raise ValueError(f"{arg_names[1]} must be None or an int >= 1, got {max_dim!r}")
+        self.min_ndim = min_ndim
+        self.max_dim = max_dim
+        self.names = names if names is not None else NameFilter()
+
+    def reason(self, name: str, shape: Sequence[int], layout: str = "auto", floating: bool = True
+               ) -> Optional[str]:
+        """Why the tensor is skipped, or ``None`` if it is eligible.
+
+        Args:
+            name (str): its name.
+            shape (Sequence[int]): its shape.
+            layout (str, optional): its layout (:func:`resolve_layout`). Default: ``"auto"``.
+            floating (bool, optional): whether it holds floating-point values. Default: ``True``.
+        """
+        reason = self.names.reason(name)
+        if reason:
+            return reason
+        shape = tuple(shape)
+        if len(shape) < max(self.min_ndim, 2):
+            return f"ndim<{max(self.min_ndim, 2)}"
+        if not floating:
+            return "not floating point"
+        if math.prod(shape) == 0:
+            return "empty"
+        if self.max_dim is not None and max(matrix_dims(shape, layout)) > self.max_dim:
+            return "max_dim"
+        return None
+
+    def split(self, refs: Iterable[TensorRef]) -> Tuple[List[TensorRef], Dict[str, str]]:
+        """The eligible refs, and ``name → reason`` for every other one.
+
+        Args:
+            refs (Iterable[TensorRef]): the candidates; names must be unique.
+
+        Raises:
+            ValueError: a name that appears twice.
+        """
+        eligible: List[TensorRef] = []
+        skipped: Dict[str, str] = {}
+        seen = set()
+        for ref in refs:
+            if ref.name in seen:
+                raise ValueError(f"tensor name {ref.name!r} appears twice")
+            seen.add(ref.name)
+            reason = self.reason(ref.name, ref.shape, ref.layout, ref.floating)
+            if reason:
+                skipped[ref.name] = reason
+            else:
+                eligible.append(ref)
+        return eligible, skipped
+
+    def __repr__(self) -> str:
+        return f"Eligibility(min_ndim={self.min_ndim}, max_dim={self.max_dim}, names={self.names!r})"

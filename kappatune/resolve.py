@@ -3,7 +3,7 @@
 :func:`resolve_selection` is the one place where "which tensors" is decided, for the
 :class:`~kappatune.optimizer.KappaTuneOptimizer`, the Hugging Face ``Trainer`` factory and the
 command line. It scans (through the cache) or takes a given table, applies the
-:class:`~kappatune.selection.SelectionPolicy` and the :class:`~kappatune.selection.NameFilter`, or
+:class:`~kappatune.selection.SelectionPolicy` and the :class:`~kappatune.refs.NameFilter`, or
 resolves an explicit list of names, and changes nothing: freezing and building an optimizer are the
 caller's business.
 
@@ -24,9 +24,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
 
-from .refs import clean_name, dtype_name, matrix_dims
-from .scan import CacheArg, aggregate_kappa, lookup, model_refs, resolve_cache, scan
-from .selection import KappaEntry, KappaTable, NameFilter, Patterns, SelectionPolicy, kappa_sort_key
+from .refs import Eligibility, NameFilter, Patterns, clean_name, dtype_name
+from .pipeline import CacheArg, aggregate_kappa, lookup, model_refs, resolve_cache, scan
+from .selection import SelectionPolicy
+from .table import KappaEntry, KappaTable, kappa_sort_key
 
 __all__ = ["Selection", "resolve_selection", "named_parameters"]
 
@@ -82,11 +83,11 @@ def _check_table(table: KappaTable, module: nn.Module, *, min_ndim: int, max_dim
         raise ValueError(f"table= does not match the model: {n!r} has shape {ts} in the table but {ms} in "
                          f"{type(module).__name__} ({len(wrong)} mismatch(es)); scan this model")
     keep, skipped = [], dict(table.skipped)
+    eligible = Eligibility(min_ndim, max_dim)
     for e in table:
-        if len(e.shape) < max(min_ndim, 2):
-            skipped[e.name] = f"ndim<{max(min_ndim, 2)}"
-        elif max_dim is not None and max(matrix_dims(tuple(e.shape), e.layout)) > max_dim:
-            skipped[e.name] = "max_dim"
+        reason = eligible.reason(e.name, e.shape, e.layout)
+        if reason:
+            skipped[e.name] = reason
         else:
             keep.append(e)
     return table if len(keep) == len(table) else KappaTable(keep, skipped)
@@ -142,12 +143,8 @@ def _tied_filter(module: nn.Module, include: Patterns, exclude: Patterns) -> Nam
     where another name decides, an exact pattern for the first name is added, with a warning naming
     the names that share the tensor.
     """
-    def as_list(patterns: Patterns) -> Patterns:  # read a generator once; NameFilter checks the rest
-        ok = patterns is not None and not isinstance(patterns, (str, bytes)) and isinstance(patterns, Iterable)
-        return list(patterns) if ok else patterns  # type: ignore[arg-type]
-
-    include, exclude = as_list(include), as_list(exclude)
-    filt = NameFilter(include, exclude)
+    filt = NameFilter(include, exclude)  # reads a generator once
+    include, exclude = filt.include, filt.exclude
     if not filt.active:
         return filt
     groups: Dict[int, List[str]] = {}
@@ -227,7 +224,7 @@ def resolve_selection(
 
     Exactly one of ``policy`` and ``names`` is given. With a policy, the candidates are the
     tensors of ``table`` (checked against ``model`` and restricted by ``min_ndim``/``max_dim``) or,
-    without a table, of a :func:`~kappatune.scan.scan` of ``model``; ``include``/``exclude``
+    without a table, of a :func:`~kappatune.pipeline.scan` of ``model``; ``include``/``exclude``
     restrict them in both cases. A tied tensor (one tensor, several names) is filtered as one
     object: it is a candidate when one of its names is included and none is excluded, and a
     warning names the names it shares.
@@ -261,17 +258,11 @@ def resolve_selection(
     """
     if table is not None and not isinstance(table, KappaTable):
         raise TypeError(f"table must be a KappaTable (from kappatune.scan), got {type(table).__name__}")
+    policy = SelectionPolicy.resolve(policy, names=names, alternative="names=")
     if names is not None:
-        if policy is not None:
-            raise ValueError(f"names= is an explicit selection: do not combine it with a selection policy "
-                             f"(got {policy.name})")
         if model is None:
             raise ValueError("names= needs the model, to check the names")
         return _explicit(model, names, table, cache, aggregate)
-    if policy is None:
-        raise ValueError("give a selection policy (a SelectionPolicy) or names=")
-    if not isinstance(policy, SelectionPolicy):
-        raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
     filt = NameFilter(include, exclude) if model is None else _tied_filter(model, include, exclude)
     if table is None:
         if model is None:

@@ -31,10 +31,10 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int
 
 @pytest.fixture
 def count_computations(monkeypatch):
-    """Count κ computations done by scan (cache misses): the names passed to ``kappatune.scan.kappa_of``."""
+    """Count κ computations done by scan (cache misses): the names passed to ``kappatune.pipeline.kappa_of``."""
     import importlib
 
-    scan_mod = importlib.import_module("kappatune.scan")
+    scan_mod = importlib.import_module("kappatune.pipeline")
     calls = []
     real = scan_mod.kappa_of
 

@@ -1,6 +1,7 @@
 """The κ cache: keyed by content, validated on read, crash-safe, concurrent, shared-folder safe.
 
-Most tests run on both stores: a folder (SQLite, the default) and a ``.json`` file path.
+The store is one SQLite database: ``kappa_cache.sqlite`` in a folder (the default), or a path
+ending in ``.sqlite``/``.sqlite3``/``.db``; a ``.json`` path is refused.
 """
 
 import importlib
@@ -26,44 +27,33 @@ from .conftest import make_tiny_llama
 
 cache_mod = importlib.import_module("kappatune.cache")
 
-STORES = ["folder", "json"]
+STORES = ["folder", "file"]
 
 
-def cache_path(tmp_path, store):
-    """What to pass as ``cache=``: the folder (SQLite store) or a .json file path."""
-    return tmp_path / "c" if store == "folder" else tmp_path / "c" / "kappas.json"
+def cache_path(tmp_path, store="folder"):
+    """What to pass as ``cache=``: the folder, or a .sqlite file path in it."""
+    return tmp_path / "c" if store == "folder" else tmp_path / "c" / "kappas.sqlite"
 
 
-def data_file(tmp_path, store):
-    return tmp_path / "c" / ("kappa_cache.sqlite" if store == "folder" else "kappas.json")
+def data_file(tmp_path, store="folder"):
+    return tmp_path / "c" / ("kappa_cache.sqlite" if store == "folder" else "kappas.sqlite")
 
 
-def raw_entries(tmp_path, store):
+def raw_entries(tmp_path, store="folder"):
     """{key: entry} as stored on disk, read without kappatune."""
-    f = data_file(tmp_path, store)
-    if store == "json":
-        return json.loads(f.read_text())["entries"]
-    con = sqlite3.connect(str(f))
+    con = sqlite3.connect(str(data_file(tmp_path, store)))
     try:
         return {k: json.loads(e) for k, e in con.execute("SELECT key, entry FROM entries")}
     finally:
         con.close()
 
 
-def set_raw(tmp_path, store, key, text):
+def set_raw(tmp_path, key, text, store="folder"):
     """Store ``text`` (JSON of one entry, taken verbatim) under ``key``, bypassing kappatune."""
-    f = data_file(tmp_path, store)
-    if store == "json":
-        data = json.loads(f.read_text())
-        data["entries"][key] = "@@"
-        f.write_text(json.dumps(data).replace('"@@"', text))
-        return
-    con = sqlite3.connect(str(f))
+    con = sqlite3.connect(str(data_file(tmp_path, store)))
     with con:
         con.execute("INSERT OR REPLACE INTO entries VALUES (?, ?)", (key, text))
     con.close()
-
-
 
 
 def n_eligible(model):
@@ -71,34 +61,29 @@ def n_eligible(model):
 
 
 # -- keyed by content ----------------------------------------------------------------------------
-@pytest.mark.parametrize("store", STORES)
-def test_warm_scan_computes_nothing_and_gives_same_table(tmp_path, store, count_computations):
+def test_warm_scan_computes_nothing_and_gives_same_table(tmp_path, count_computations):
     model = make_tiny_llama()
-    cold = kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
+    cold = kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
     assert len(count_computations) == n_eligible(model) == len(cold)
     count_computations.clear()
-    warm = kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
+    warm = kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
     assert count_computations == []
     assert warm.to_dict() == cold.to_dict()
-    if store == "json":
-        data = json.loads(data_file(tmp_path, store).read_text())
-        assert data["format"] == CACHE_FORMAT and data["schema_version"] == SCHEMA_VERSION
-    else:
-        con = sqlite3.connect(str(data_file(tmp_path, store)))
-        assert dict(con.execute("SELECT k, v FROM meta"))["format"] == CACHE_FORMAT
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        con.close()
-    entries = raw_entries(tmp_path, store)
+    con = sqlite3.connect(str(data_file(tmp_path)))
+    meta = dict(con.execute("SELECT k, v FROM meta"))
+    assert meta["format"] == CACHE_FORMAT and meta["schema_version"] == str(SCHEMA_VERSION)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    entries = raw_entries(tmp_path)
     assert len(entries) == len(cold)
     assert {"kappa", "shape", "dtype", "layout", "sigma_max", "sigma_min"} <= set(next(iter(entries.values())))
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_cache_of_model_a_is_not_used_for_model_b(tmp_path, store, count_computations):
+def test_cache_of_model_a_is_not_used_for_model_b(tmp_path, count_computations):
     a, b = make_tiny_llama(seed=0), make_tiny_llama(seed=1)   # same names and shapes, other weights
-    kappatune.scan(a, cache=cache_path(tmp_path, store), progress=False)
+    kappatune.scan(a, cache=cache_path(tmp_path), progress=False)
     count_computations.clear()
-    tb = kappatune.scan(b, cache=cache_path(tmp_path, store), progress=False)
+    tb = kappatune.scan(b, cache=cache_path(tmp_path), progress=False)
     assert len(count_computations) == n_eligible(b)
     fresh = kappatune.scan(b, cache=None, progress=False)
     assert tb.kappas == fresh.kappas
@@ -132,7 +117,7 @@ def test_default_cache_location_from_env(tmp_path, monkeypatch):
     assert default_cache_dir() == tmp_path / "xdg" / "kappatune"
 
 
-@pytest.mark.parametrize("name", ["my_kappas.json", "my_kappas.sqlite", "my_kappas.db"])
+@pytest.mark.parametrize("name", ["my_kappas.sqlite", "my_kappas.sqlite3", "my_kappas.db"])
 def test_file_paths_are_accepted(tmp_path, name):
     f = tmp_path / name
     kappatune.scan(make_tiny_llama(), cache=f, progress=False)
@@ -143,21 +128,45 @@ def test_file_paths_are_accepted(tmp_path, name):
 def test_cache_path_that_is_a_plain_file_is_rejected(tmp_path):
     f = tmp_path / "cachefile"
     f.write_text("x")
-    with pytest.raises(ValueError, match="does not end in .json"):
+    with pytest.raises(ValueError, match="does not end in .sqlite"):
         KappaCache(f)
 
 
-def test_legacy_json_cache_in_the_folder_is_imported_once(tmp_path, caplog, count_computations):
-    model = make_tiny_llama()
-    kappatune.scan(model, cache=tmp_path / "kappa_cache.json", progress=False)  # as earlier versions wrote it
-    count_computations.clear()
-    with caplog.at_level(logging.INFO, logger="kappatune"):
-        kappatune.scan(model, cache=tmp_path, progress=False)
-        assert count_computations == []
-        assert caplog.text.count("imported") == 1
-        kappatune.scan(model, cache=tmp_path, progress=False)
-    assert caplog.text.count("imported") == 1  # not again while the JSON file is unchanged
-    assert (tmp_path / "kappa_cache.sqlite").is_file() and (tmp_path / "kappa_cache.json").is_file()
+@pytest.mark.parametrize("content", [None, '{"lm_head.weight": 1.0}',
+                                     json.dumps({"format": CACHE_FORMAT, "schema_version": 1, "entries": {}})],
+                         ids=["no file", "the reference's name-to-kappa file", "an earlier kappatune's JSON cache"])
+def test_a_json_cache_path_is_a_one_line_error_and_nothing_is_written(tmp_path, content, capsys):
+    """The κ cache is an SQLite database: a .json path is refused, saying what to pass instead."""
+    from kappatune import cli
+
+    f = tmp_path / "kappas.json"
+    if content is not None:
+        f.write_text(content)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError) as err:
+        KappaCache(f)
+    msg = str(err.value)
+    assert "\n" not in msg and str(f) in msg and ".json" in msg and "SQLite" in msg
+    assert "pass a folder" in msg and ".sqlite" in msg
+    with pytest.raises(ValueError, match="ends in .json"):
+        kappatune.scan(make_tiny_llama(), cache=str(f), progress=False)
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    ckpt = tmp_path / "m" / "model.safetensors"
+    ckpt.parent.mkdir()
+    safetensors_torch.save_file({"a.weight": torch.randn(4, 4)}, str(ckpt))
+    capsys.readouterr()
+    assert cli.main(["scan", str(ckpt), "--cache-dir", str(f)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.count("\n") == 1 and "ends in .json" in err_text and "Traceback" not in err_text, err_text
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["m"])  # nothing made beside it
+    assert os.listdir(ckpt.parent) == ["model.safetensors"]
+    if content is None:
+        assert not f.exists()
+    else:
+        assert f.read_text() == content  # never read, never overwritten
+    folder = tmp_path / "a_folder.json"  # an existing folder is a folder, whatever its name
+    folder.mkdir()
+    assert KappaCache(folder).path == folder / "kappa_cache.sqlite"
 
 
 def test_batch_methods(tmp_path):
@@ -174,6 +183,7 @@ def _poisoned_variants(entry, shape0):
     """(label, entry JSON text) that must never be used."""
     e = dict(entry)
     ratio = e["sigma_max"] / e["sigma_min"]
+    liar = {**e, "kappa": 1.0, "sigma_max": 1.0, "sigma_min": 1.0}
     bad = {
         "nan literal": json.dumps(e).replace(json.dumps(e["kappa"]), "NaN", 1),
         "infinity literal": json.dumps({**e, "sigma_min": "@"}).replace('"@"', "Infinity"),
@@ -188,34 +198,31 @@ def _poisoned_variants(entry, shape0):
         "layout not the key's": json.dumps({**e, "layout": "flatten"}),
         "deeply nested": json.dumps({**e, "name": "@"}).replace('"@"', "[" * 50000 + "]" * 50000),
         "not an object": "[1, 2, 3]",
+        # every field twice: a consistent but wrong value (κ = 1) first or last; never "the last one wins"
+        "duplicate fields, the wrong ones last": json.dumps(e)[:-1] + ", " + json.dumps(liar)[1:],
+        "duplicate fields, the wrong ones first": json.dumps(liar)[:-1] + ", " + json.dumps(e)[1:],
     }
     return bad
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_poisoned_or_inconsistent_entries_are_recomputed(tmp_path, store, caplog, count_computations):
+def test_poisoned_or_inconsistent_entries_are_recomputed(tmp_path, caplog, count_computations):
     model = make_tiny_llama()
     fresh = kappatune.scan(model, cache=False, progress=False)
-    kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
-    entries = raw_entries(tmp_path, store)
+    kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
+    entries = raw_entries(tmp_path)
     name = "model.layers.0.self_attn.q_proj.weight"
     key = next(k for k, e in entries.items() if e["name"] == name)
     for label, text in _poisoned_variants(entries[key], 64).items():
-        if store == "json" and label == "deeply nested":
-            continue  # a JSON file nested too deeply cannot be parsed at all: corrupt (tested below)
-        set_raw(tmp_path, store, key, text)
+        set_raw(tmp_path, key, text)
         count_computations.clear()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kappatune"):
-            table = kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
+            table = kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
         assert count_computations == [name], label
         assert table.kappas == fresh.kappas, label
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-        assert len(warnings) == 1 and str(data_file(tmp_path, store)) in warnings[0].getMessage(), (label, caplog.text)
-        # the fresh value replaced it, and the file stays strict JSON
-        assert raw_entries(tmp_path, store)[key] == entries[key], label
-        if store == "json":
-            json.loads(data_file(tmp_path, store).read_text(), parse_constant=lambda c: pytest.fail(c))
+        assert len(warnings) == 1 and str(data_file(tmp_path)) in warnings[0].getMessage(), (label, caplog.text)
+        assert raw_entries(tmp_path)[key] == entries[key], label  # the fresh value replaced it
 
 
 def test_stack_entries_are_checked_against_their_matrices(tmp_path, count_computations):
@@ -250,117 +257,72 @@ def test_entry_of_another_shape_or_dtype_is_not_used(tmp_path):
     assert c.get("x|matrix", shape=(4, 6), dtype="bfloat16") is None
 
 
-@pytest.mark.parametrize("dup_first", [True, False])
-def test_duplicate_json_keys_are_not_decided_by_the_last_one(tmp_path, caplog, count_computations, dup_first):
-    model = make_tiny_llama()
-    f = tmp_path / "k.json"
-    kappatune.scan(model, cache=f, progress=False)
-    data = json.loads(f.read_text())
-    key = next(iter(data["entries"]))
-    good = json.dumps(data["entries"][key])
-    liar = json.dumps({**data["entries"][key], "kappa": 1.0, "sigma_max": 1.0, "sigma_min": 1.0})
-    first, second = (liar, good) if dup_first else (good, liar)
-    text = f.read_text().replace(json.dumps(key) + ":" + json.dumps(data["entries"][key], separators=(",", ":")),
-                                 f"{json.dumps(key)}:{first},{json.dumps(key)}:{second}")
-    assert text.count(json.dumps(key)) == 2
-    f.write_text(text)
-    count_computations.clear()
-    with caplog.at_level(logging.WARNING, logger="kappatune"):
-        kappatune.scan(model, cache=f, progress=False)
-    assert len(count_computations) == 1 and "duplicate" in caplog.text
-
-
-@pytest.mark.parametrize("store", STORES)
-def test_save_never_fails_the_scan_with_a_non_finite_value(tmp_path, store, caplog):
-    c = KappaCache(cache_path(tmp_path, store))
+def test_save_never_fails_the_scan_with_a_non_finite_value(tmp_path, caplog):
+    c = KappaCache(cache_path(tmp_path))
     with caplog.at_level(logging.WARNING, logger="kappatune"):
         c.put("a|matrix", kappa=float("nan"), sigma_max=float("nan"), sigma_min=1.0, shape=(2, 2), dtype="float32",
               layout="matrix")
         c.put("b|matrix", kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=(2, 2), dtype="float32", layout="matrix")
         assert c.save()
     assert "not storing" in caplog.text
-    assert list(KappaCache(cache_path(tmp_path, store)).keys()) == ["b|matrix"]
+    assert list(KappaCache(cache_path(tmp_path)).keys()) == ["b|matrix"]
 
 
-def test_json_nan_literal_does_not_break_later_saves(tmp_path, count_computations):
-    """Today's defect: a NaN literal was accepted on read and every later save raised ValueError."""
+def test_a_nan_literal_in_a_row_does_not_break_later_saves(tmp_path, count_computations):
     model = make_tiny_llama()
-    f = tmp_path / "k.json"
-    kappatune.scan(model, cache=f, progress=False)
-    data = json.loads(f.read_text())
-    key = next(iter(data["entries"]))
-    f.write_text(f.read_text().replace(json.dumps(key) + ":{", json.dumps(key) + ':{"extra":NaN,', 1))
+    kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
+    key, entry = next(iter(raw_entries(tmp_path).items()))
+    set_raw(tmp_path, key, json.dumps(entry)[:-1] + ', "extra": NaN}')
     other = make_tiny_llama(seed=7)
-    assert len(kappatune.scan(other, cache=f, progress=False)) == n_eligible(other)
-    json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(c))  # the file is strict JSON again
+    c = KappaCache(cache_path(tmp_path))
+    assert len(kappatune.scan(other, cache=c, progress=False)) == n_eligible(other)
+    assert c.misses == n_eligible(other)
     count_computations.clear()
-    kappatune.scan(other, cache=f, progress=False)
-    assert count_computations == []  # and the new model's entries were saved
+    kappatune.scan(other, cache=cache_path(tmp_path), progress=False)
+    assert count_computations == []  # the new model's entries were saved
+    kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
+    assert count_computations == [entry["name"]]  # the row with NaN was not used, and was replaced
+    json.loads(next(iter(sqlite3.connect(str(data_file(tmp_path))).execute(
+        "SELECT entry FROM entries WHERE key = ?", (key,))))[0], parse_constant=lambda c: pytest.fail(c))
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_corrupt_file_warns_recomputes_and_is_kept_aside(tmp_path, store, caplog, count_computations):
-    path = data_file(tmp_path, store)
+def test_corrupt_file_warns_recomputes_and_is_kept_aside(tmp_path, caplog, count_computations):
+    path = data_file(tmp_path)
     path.parent.mkdir(parents=True)
-    garbage = ('{"format": "kappatune-kappa-cache", "schema_version": 1, "entries": {tru' if store == "json"
-               else "this is not an SQLite database, but it has our file name" * 10)
+    garbage = "this is not an SQLite database, but it has our file name" * 10
     path.write_text(garbage)
     model = make_tiny_llama()
     with caplog.at_level(logging.WARNING, logger="kappatune"):
-        kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
+        kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
     assert str(path) in caplog.text and "corrupt" in caplog.text
     assert len(count_computations) == n_eligible(model)
-    assert len(KappaCache(cache_path(tmp_path, store))) == n_eligible(model)   # a fresh valid file
+    assert len(KappaCache(cache_path(tmp_path))) == n_eligible(model)   # a fresh valid file
     aside = list(path.parent.glob(path.name + ".corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text() == garbage                # the bad one kept, not lost
 
 
-def test_deeply_nested_json_file_is_corrupt_not_a_crash(tmp_path, caplog):
-    f = tmp_path / "k.json"
-    f.write_text('{"format": "kappatune-kappa-cache", "schema_version": 1, "entries": ' + "[" * 100000
-                 + "]" * 100000 + "}")
-    with caplog.at_level(logging.WARNING, logger="kappatune"):
-        assert len(kappatune.scan(make_tiny_llama(), cache=f, progress=False)) > 0
-    assert "corrupt" in caplog.text
-
-
 def test_corrupt_files_moved_aside_in_the_same_second_keep_distinct_names(tmp_path):
-    f = tmp_path / "k.json"
+    f = tmp_path / "k.sqlite"
     for i in range(3):
         f.write_text("{broken %d" % i)
         c = KappaCache(f)
         c.put("a|matrix", kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=(2, 2), dtype="float32", layout="matrix")
         assert c.save()
-    aside = sorted(p.read_text() for p in tmp_path.glob("k.json.corrupt-*"))
+        c.clear_memory()  # closes the database before the next round overwrites it
+    aside = sorted(p.read_text() for p in tmp_path.glob("k.sqlite.corrupt-*"))
     assert aside == ["{broken 0", "{broken 1", "{broken 2"]
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_malformed_entries_are_dropped(tmp_path, store, caplog, count_computations):
+def test_malformed_entries_are_dropped(tmp_path, caplog, count_computations):
     model = make_tiny_llama()
-    kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
-    key = next(iter(raw_entries(tmp_path, store)))
-    set_raw(tmp_path, store, key, json.dumps({**raw_entries(tmp_path, store)[key], "kappa": "not a number"}))
+    kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
+    key = next(iter(raw_entries(tmp_path)))
+    set_raw(tmp_path, key, json.dumps({**raw_entries(tmp_path)[key], "kappa": "not a number"}))
     count_computations.clear()
     with caplog.at_level(logging.WARNING, logger="kappatune"):
-        kappatune.scan(model, cache=cache_path(tmp_path, store), progress=False)
+        kappatune.scan(model, cache=cache_path(tmp_path), progress=False)
     assert "malformed" in caplog.text
     assert len(count_computations) == 1
-
-
-@pytest.mark.parametrize("content", [
-    '{"some": "other tool"}',
-    '{"lm_head.weight": 1.0}',  # the reference kappaTune's condition_file
-    json.dumps({"format": CACHE_FORMAT, "schema_version": SCHEMA_VERSION + 1, "entries": {}}),
-])
-def test_foreign_or_newer_file_is_neither_used_nor_overwritten(tmp_path, caplog, content):
-    path = tmp_path / "kappa_cache.json"
-    path.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="kappatune"):
-        table = kappatune.scan(make_tiny_llama(), cache=path, progress=False)
-    assert len(table) > 0
-    assert path.read_text() == content
-    assert "not be overwritten" in caplog.text
 
 
 @pytest.mark.parametrize("what", ["other program", "newer schema"])
@@ -382,20 +344,11 @@ def test_foreign_or_newer_database_is_neither_used_nor_overwritten(tmp_path, cap
     assert db.read_bytes() == before and "not be overwritten" in caplog.text
 
 
-def test_old_schema_is_ignored_and_rewritten(tmp_path, caplog):
-    path = tmp_path / "kappa_cache.json"
-    path.write_text(json.dumps({"format": CACHE_FORMAT, "schema_version": 0, "entries": {"x": {}}}))
-    with caplog.at_level(logging.WARNING, logger="kappatune"):
-        kappatune.scan(make_tiny_llama(), cache=path, progress=False)
-    assert "old schema" in caplog.text
-    assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
-
-
 @pytest.mark.parametrize("store", STORES)
 def test_unwritable_location_warns_and_scan_succeeds(tmp_path, store, caplog):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the cache folder should be")
-    cache = KappaCache(blocker / "sub" if store == "folder" else blocker / "sub" / "k.json")
+    cache = KappaCache(blocker / "sub" if store == "folder" else blocker / "sub" / "k.sqlite")
     with caplog.at_level(logging.WARNING, logger="kappatune"):
         table = kappatune.scan(make_tiny_llama(), cache=cache, progress=False)
     assert len(table) > 0
@@ -444,33 +397,6 @@ def test_unreadable_file_is_skipped_never_treated_as_corrupt(tmp_path, store, ca
     assert not list(path.parent.glob("*.corrupt-*"))
 
 
-# -- crash safety --------------------------------------------------------------------------------
-def test_interrupted_write_leaves_previous_file_intact(tmp_path, monkeypatch):
-    model = make_tiny_llama()
-    path = tmp_path / "kappa_cache.json"
-    kappatune.scan(model, cache=path, progress=False)
-    before = path.read_bytes()
-
-    def crash(self, entries):
-        import tempfile as tf
-
-        fd, tmp = tf.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.write(fd, b'{"format": "kappatune-kappa-cache", "entr')   # half a file, then die
-        os.close(fd)
-        raise KeyboardInterrupt("simulated crash mid-write")
-
-    real = cache_mod._JsonStore._write_atomic
-    monkeypatch.setattr(cache_mod._JsonStore, "_write_atomic", crash)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.weight.mul_(2.5)
-    with pytest.raises(KeyboardInterrupt):
-        kappatune.scan(model, cache=path, progress=False)
-    assert path.read_bytes() == before
-    monkeypatch.setattr(cache_mod._JsonStore, "_write_atomic", real)
-    kappatune.scan(model, cache=path, progress=False)  # the next save removes what the crash left
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-
-
 _KILL_WRITER = textwrap.dedent("""
     import sys
     from kappatune.cache import KappaCache
@@ -487,11 +413,10 @@ _KILL_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_sigkill_mid_save_loses_nothing_committed(tmp_path, store):
-    """Real SIGKILLs of a process saving in a loop: every save it reported is there, the file is valid,
-    and no temporary file is left once the next save has run."""
-    path = str(cache_path(tmp_path, store))
+def test_sigkill_mid_save_loses_nothing_committed(tmp_path):
+    """Real SIGKILLs of a process saving in a loop: every save it reported is there, the database is
+    valid, and no temporary file is left once the next save has run."""
+    path = str(cache_path(tmp_path))
     script = tmp_path / "writer.py"
     script.write_text(_KILL_WRITER)
     reported = []
@@ -509,10 +434,9 @@ def test_sigkill_mid_save_loses_nothing_committed(tmp_path, store):
     keys = set(c.keys())
     assert all(f"k{i}-{j}|matrix" in keys for i in reported for j in range(200))
     assert all(c.get(k) is not None for k in list(keys)[:50])
-    if store == "folder":
-        con = sqlite3.connect(str(data_file(tmp_path, store)))
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        con.close()
+    con = sqlite3.connect(str(data_file(tmp_path)))
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
     c.put("one more|matrix", kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=[2, 2], dtype="float32", layout="matrix")
     assert c.save()
     assert [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")] == []
@@ -529,16 +453,15 @@ def _writer(path, worker, n_entries, rounds):
         assert cache.save()
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_concurrent_writers_merge_every_entry(tmp_path, store):
+def test_concurrent_writers_merge_every_entry(tmp_path):
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    procs = [ctx.Process(target=_writer, args=(str(cache_path(tmp_path, store)), w, 60, 6)) for w in range(4)]
+    procs = [ctx.Process(target=_writer, args=(str(cache_path(tmp_path)), w, 60, 6)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    entries = raw_entries(tmp_path, store)
+    entries = raw_entries(tmp_path)
     assert len(entries) == 4 * 60
     assert {f"w{w}-{i}|matrix" for w in range(4) for i in range(60)} == set(entries)
 
@@ -546,10 +469,9 @@ def test_concurrent_writers_merge_every_entry(tmp_path, store):
 _HOLD_LOCK = textwrap.dedent("""
     import fcntl, os, sqlite3, sys, time
     path, kind = sys.argv[1], sys.argv[2]
-    if kind == "json":
+    if kind == "lock file":  # the lock under which a corrupt database is moved aside
         fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
     else:
         con = sqlite3.connect(path, isolation_level=None)
         con.execute("BEGIN IMMEDIATE")
@@ -558,26 +480,34 @@ _HOLD_LOCK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("store", STORES)
-def test_a_held_lock_is_waited_for_with_a_message(tmp_path, store, caplog):
-    c = KappaCache(cache_path(tmp_path, store))
+@pytest.mark.parametrize("kind", ["database", "lock file"])
+def test_a_held_lock_is_waited_for_with_a_message(tmp_path, kind, caplog):
+    c = KappaCache(cache_path(tmp_path))
     c.put("a|matrix", kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=(2, 2), dtype="float32", layout="matrix")
     assert c.save()
+    if kind == "lock file":
+        c.clear_memory()
+        data_file(tmp_path).write_text("not a database")  # the next open moves it aside, under the lock
+        c = KappaCache(cache_path(tmp_path))
     script = tmp_path / "hold.py"
     script.write_text(_HOLD_LOCK)
-    p = subprocess.Popen([sys.executable, str(script), str(data_file(tmp_path, store)), store, "2.5"],
+    p = subprocess.Popen([sys.executable, str(script), str(data_file(tmp_path)), kind, "2.5"],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
-    c.put("b|matrix", kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=(2, 2), dtype="float32", layout="matrix")
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="kappatune"):
+    with caplog.at_level(logging.WARNING, logger="kappatune"):  # the file is opened at the first put
+        c.put("b|matrix", kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=(2, 2), dtype="float32", layout="matrix")
         assert c.save()
     assert time.monotonic() - t0 > 1.0
     p.wait(10)
-    assert "waiting" in caplog.text and str(data_file(tmp_path, store)) in caplog.text
-    if store == "json":
-        assert f"process {p.pid}" in caplog.text
-    assert set(KappaCache(cache_path(tmp_path, store)).keys()) == {"a|matrix", "b|matrix"}
+    waiting = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert len(waiting) == 1 and str(data_file(tmp_path)) in waiting[0], caplog.text
+    if kind == "lock file":
+        assert str(data_file(tmp_path)) + ".lock" in waiting[0]
+        assert [f.read_text() for f in tmp_path.glob("c/kappa_cache.sqlite.corrupt-*")] == ["not a database"]
+        assert set(KappaCache(cache_path(tmp_path)).keys()) == {"b|matrix"}
+    else:
+        assert set(KappaCache(cache_path(tmp_path)).keys()) == {"a|matrix", "b|matrix"}
 
 
 # -- digests -------------------------------------------------------------------------------------
@@ -593,26 +523,15 @@ def test_digest_depends_on_bytes_dtype_and_shape_only():
     assert tensor_digest(x.to(torch.bfloat16)) != tensor_digest(x.to(torch.float16))
 
 
-def test_digest_without_xxhash_is_blake2b(monkeypatch):
-    """The fallback is a cryptographic 128-bit hash, not CRC-32 + Adler-32 (collisions crafted in a second)."""
-    import builtins
-    import hashlib
+def test_digest_is_xxh3_128_of_dtype_shape_and_bytes():
+    import xxhash
 
-    real_import = builtins.__import__
-
-    def no_xxhash(name, *a, **kw):
-        if name == "xxhash":
-            raise ImportError("no xxhash")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_xxhash)
-    monkeypatch.setattr(cache_mod, "_DIGEST", None)
     x = torch.randn(16, 16)
-    d = tensor_digest(x)
-    monkeypatch.setattr(cache_mod, "_DIGEST", None)
-    h = hashlib.blake2b(f"{x.dtype}|{tuple(x.shape)}|".encode(), digest_size=16)
+    h = xxhash.xxh3_128(f"{x.dtype}|{tuple(x.shape)}|".encode())
     h.update(x.numpy().tobytes())
-    assert d == "blake2b128:" + h.hexdigest()
+    assert tensor_digest(x) == "xxh3_128:" + h.hexdigest()
+    empty = torch.zeros(0, 3)
+    assert tensor_digest(empty) == "xxh3_128:" + xxhash.xxh3_128(b"torch.float32|(0, 3)|").hexdigest()
 
 
 def test_network_file_system_uses_the_rollback_journal(tmp_path, monkeypatch):

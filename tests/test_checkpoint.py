@@ -12,7 +12,7 @@ import kappatune
 from kappatune.cache import KappaCache
 from kappatune.checkpoint import (CheckpointError, checkpoint_files, checkpoint_layout, checkpoint_refs,
                                   scan_checkpoint)
-from kappatune.scan import scan_refs
+from kappatune.pipeline import scan_refs
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

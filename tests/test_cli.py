@@ -237,7 +237,7 @@ def test_workers_reach_the_scan_and_change_no_value(tmp_path, capsys, monkeypatc
 
     import importlib
 
-    scan_mod = importlib.import_module("kappatune.scan")   # the module (kappatune.scan is the function)
+    scan_mod = importlib.import_module("kappatune.pipeline")   # the module (kappatune.scan is the function)
     torch.manual_seed(0)
     save_file({f"layers.{i}.w": torch.randn(24, 16) for i in range(6)}, str(tmp_path / "w.safetensors"))
     seen = []

@@ -22,7 +22,7 @@ def _worker(rank, init_file, cache_dir, out_dir, seed):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        scan_mod = importlib.import_module("kappatune.scan")
+        scan_mod = importlib.import_module("kappatune.pipeline")
         from kappatune.cache import KappaCache
 
         computed, writes = [], []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kappatune
+import kappatune.cache
 from kappatune import KappaTuneOptimizer
 from kappatune.cli import main as cli_main
 from kappatune.delta import DELTA_CONFIG_NAME, DELTA_WEIGHTS_NAME, DeltaError
@@ -378,8 +379,8 @@ def test_delta_folder_is_small_and_self_describing(trained):
     assert cfg["num_changed"] == len(opt.selected)
     params = dict(model.named_parameters())
     for n, meta in cfg["tensors"].items():
-        assert meta["base_digest"] == kappatune.tensor_digest(base[n])
-        assert meta["tuned_digest"] == kappatune.tensor_digest(params[n])
+        assert meta["base_digest"] == kappatune.cache.tensor_digest(base[n])
+        assert meta["tuned_digest"] == kappatune.cache.tensor_digest(params[n])
         assert meta["shape"] == list(params[n].shape) and meta["dtype"] == "float32"
     assert [r["name"] for r in cfg["kappa_table"]] == opt.selected
     nbytes = sum(params[n].numel() * 4 for n in opt.selected)

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import kappatune
-from kappatune.kappa import kappa_of, resolve_layout
+import kappatune.kappa
+from kappatune.kappa import kappa_of
+from kappatune.refs import resolve_layout
 
 
 def with_singular_values(m, n, s, seed=0):
@@ -58,7 +60,7 @@ def test_torch_linalg_path_used_off_cpu_is_as_exact(monkeypatch, kappa, shape):
     stack = torch.stack([with_singular_values(m, n, np.geomspace(kappa, 1.0, min(m, n)), seed=i) for i in range(b)])
     calls = []
     monkeypatch.setattr(kappatune.kappa, "_numpy_linalg", lambda a: calls.append(a.device.type) or False)
-    got = kappatune.condition_numbers(stack)
+    got = kappatune.kappa.condition_numbers(stack)
     assert calls, "the torch.linalg path was not taken"
     for k in got.tolist():
         assert abs(k - kappa) / kappa < 1e-6, (k, kappa)
@@ -126,7 +128,7 @@ def test_every_non_finite_position_is_caught(monkeypatch, path, shape, bad):
         w = torch.randn(shape, dtype=torch.bfloat16)
         w[i, j, k] = bad
         with pytest.raises(ValueError, match=r"experts\.w1.*NaN/Inf"):
-            kappatune.condition_numbers(w, name="experts.w1")
+            kappatune.kappa.condition_numbers(w, name="experts.w1")
 
 
 def test_huge_finite_float64_weights_are_not_mistaken_for_inf():
@@ -155,16 +157,16 @@ def test_stack_of_matrices_keeps_per_matrix_values():
     np.testing.assert_allclose(res.per_matrix, expected, rtol=1e-6)
     assert res.kappa == pytest.approx(np.mean(expected), rel=1e-6)
     assert kappatune.condition_number(stack, aggregate="max") == pytest.approx(max(expected), rel=1e-6)
-    np.testing.assert_allclose(kappatune.condition_numbers(stack).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(kappatune.kappa.condition_numbers(stack).numpy(), expected, rtol=1e-6)
 
 
 def test_stack_chunking_gives_same_values(monkeypatch):
     import kappatune.kappa as km
 
     stack = torch.randn(7, 30, 20, generator=torch.Generator().manual_seed(3))
-    whole = kappatune.condition_numbers(stack)
+    whole = kappatune.kappa.condition_numbers(stack)
     monkeypatch.setattr(km, "_CHUNK_BYTES", 1)  # one matrix per chunk
-    np.testing.assert_allclose(kappatune.condition_numbers(stack).numpy(), whole.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(kappatune.kappa.condition_numbers(stack).numpy(), whole.numpy(), rtol=1e-12)
 
 
 def test_bad_arguments():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kappatune
+import kappatune.kappa
 import kappatune.kappa as K
 
 from .test_kappa import with_singular_values
@@ -151,13 +152,13 @@ def test_certified_stack_mixed_paths_and_deterministic(certified):
             for i, k in enumerate([3.0, 1e5, 40.0])]
     low_rank = torch.randn(120, 30, dtype=torch.float64) @ torch.randn(30, 200, dtype=torch.float64)
     stack = torch.stack(mats + [low_rank])
-    got = kappatune.condition_numbers(stack).tolist()
+    got = kappatune.kappa.condition_numbers(stack).tolist()
     for k, want in zip(got[:3], [3.0, 1e5, 40.0]):
         assert rel(k, want) < 1e-6
     assert got[3] == math.inf
     # the same value alone as in the stack (fixed start block), up to batched BLAS rounding
-    assert rel(kappatune.condition_numbers(stack[2:3]).item(), got[2]) < 1e-13
-    assert kappatune.condition_numbers(stack).tolist() == got  # and run to run, bit for bit
+    assert rel(kappatune.kappa.condition_numbers(stack[2:3]).item(), got[2]) < 1e-13
+    assert kappatune.kappa.condition_numbers(stack).tolist() == got  # and run to run, bit for bit
 
 
 # ------------------------------------------------------------------------------ dense (CPU default)
@@ -240,7 +241,7 @@ def test_tiny_and_huge_magnitudes(monkeypatch, path, scale, kappa):
     s = np.geomspace(kappa, 1.0, m) / kappa  # σ_max = 1, times scale below
     w = with_singular_values(m, n, s, seed=10) * scale
     assert torch.isfinite(w).all()
-    res = kappatune.kappa_of(w)
+    res = kappatune.kappa.kappa_of(w)
     assert rel(res.kappa, kappa) < 1e-6, (res.kappa, kappa)
     assert math.isfinite(res.sigma_max) and rel(res.sigma_max, scale) < 1e-6
     assert rel(res.sigma_min, scale / kappa) < 1e-6
@@ -267,7 +268,7 @@ def test_torch_linalg_path_every_method(monkeypatch, kappa, shape):
     spy = Spy(monkeypatch)
     b, m, n = shape
     stack = torch.stack([with_singular_values(m, n, np.geomspace(kappa, 1.0, min(m, n)), seed=i) for i in range(b)])
-    got = kappatune.condition_numbers(stack)
+    got = kappatune.kappa.condition_numbers(stack)
     for k in got.tolist():
         assert rel(k, kappa) < 1e-6, (k, kappa)
     assert spy.ran("certified")
@@ -284,7 +285,7 @@ def test_torch_linalg_path_every_method(monkeypatch, kappa, shape):
 def test_cuda_every_method_matches_float64_svd(kappa):
     mats = [with_singular_values(300, 700, np.geomspace(kappa, 1.0, 300), seed=i) for i in range(3)]
     stack = torch.stack(mats).float().cuda()
-    got = kappatune.condition_numbers(stack).tolist()
+    got = kappatune.kappa.condition_numbers(stack).tolist()
     for k, w in zip(got, mats):
         assert rel(k, reference_kappa(w.float())) < 1e-6
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import kappatune
-from kappatune import KappaTuneOptimizer, SelectiveFineTuningOptimizer
+from kappatune import KappaTuneOptimizer
+from kappatune.compat import SelectiveFineTuningOptimizer
 from kappatune.optimizer import STATE_KEY
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -395,7 +396,7 @@ def test_names_need_no_scan_and_take_kappa_from_the_cache(tiny_llama, monkeypatc
     def no_scan(*a, **k):
         raise AssertionError("names= must not scan")
 
-    monkeypatch.setattr(sys.modules["kappatune.scan"], "scan", no_scan)
+    monkeypatch.setattr(sys.modules["kappatune.pipeline"], "scan", no_scan)
     cached = _opt(tiny_llama, names=names, cache=tmp_path)
     assert cached.selected == [table.names[0], table.names[3]]  # lowest κ first
     assert [cached.table[n].kappa for n in cached.selected] == [table[n].kappa for n in cached.selected]
@@ -447,7 +448,8 @@ def test_selective_finetuning_optimizer_compat(tiny_llama, tmp_path):
     assert "model.embed_tokens.weight" not in opt.condition_numbers  # 128 > max_dim_size_to_analyze
     assert opt.condition_numbers == {e.name: e.kappa for e in kappatune.scan(tiny_llama, cache=False, max_dim=100,
                                                                              progress=False)}
-    assert cf.exists() and kappatune.KappaCache(cf).keys()  # condition_file is the κ cache
+    db = tmp_path / "condition_numbers.sqlite"  # condition_file names the κ cache database
+    assert not cf.exists() and db.exists() and kappatune.KappaCache(db).keys()
     assert opt.param_groups[0]["weight_decay"] == 0.01
     _train(tiny_llama, opt, _batches(1))
     ref_style = tmp_path / "ref.json"  # a file in the reference's own {name: κ} format

@@ -11,7 +11,7 @@ import kappatune
 import importlib
 from kappatune.refs import TensorRef
 
-S = importlib.import_module("kappatune.scan")  # the module (kappatune.scan is also the function)
+S = importlib.import_module("kappatune.pipeline")  # the module (kappatune.scan is also the function)
 
 
 def with_singular_values(m, n, s, seed=0):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kappatune.selection import KappaEntry, KappaTable
+from kappatune.table import KappaEntry, KappaTable
 
 matplotlib = pytest.importorskip("matplotlib")
 
@@ -93,7 +93,7 @@ def test_svg_and_errors(tmp_path):
 # pyplot import by the library: the promise is checked in a fresh interpreter.
 _NO_PYPLOT = r"""
 import json, sys
-from kappatune.selection import KappaEntry, KappaTable
+from kappatune.table import KappaEntry, KappaTable
 from kappatune.plot import plot_kappa
 from kappatune.cli import main
 out, saved = sys.argv[1], sys.argv[2]

@@ -179,14 +179,14 @@ def test_a_cache_on_a_read_only_mount_is_read(tmp_path, caplog, count_computatio
 
 # -- 2. symbolic links ----------------------------------------------------------------------------
 @pytest.mark.parametrize("link", ["kappa_cache.sqlite", "kappa_cache.sqlite-wal", "kappa_cache.sqlite-shm",
-                                  "k.json", "k.json.lock"])
+                                  "kappa_cache.sqlite-journal", "kappa_cache.sqlite.lock", "k.sqlite", "k.sqlite.lock"])
 def test_a_link_at_a_file_the_cache_creates_is_never_followed(tmp_path, caplog, link, count_computations):
     folder = tmp_path / "c"
     folder.mkdir()
     outside = tmp_path / "elsewhere" / "victim"
     outside.parent.mkdir()
     os.symlink(outside, folder / link)  # dangling
-    path = folder / "k.json" if link.startswith("k.json") else folder
+    path = folder / "k.sqlite" if link.startswith("k.sqlite") else folder
     with caplog.at_level(logging.WARNING, logger="kappatune"):
         table = kappatune.scan(small_model(), cache=path, progress=False)
     assert len(table) == 3 and len(count_computations) == 3

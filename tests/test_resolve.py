@@ -4,18 +4,20 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import kappatune
+import kappatune.cache
 from kappatune import KappaTuneOptimizer
 from kappatune.refs import default_layout, matrix_dims, resolve_layout
 from kappatune.resolve import resolve_selection
-from kappatune.scan import filter_refs, lookup, model_refs
-from kappatune.selection import KappaEntry, KappaTable, NameFilter, SelectionPolicy
+from kappatune.pipeline import filter_refs, lookup, model_refs
+from kappatune.refs import NameFilter
+from kappatune.selection import SelectionPolicy
+from kappatune.table import KappaEntry, KappaTable
 
 from .conftest import make_tiny_llama
 
@@ -283,7 +285,7 @@ def test_a_cache_entry_for_another_shape_or_dtype_is_not_used(tmp_path):
     good = kappatune.scan(lin, cache=None, progress=False)["weight"]
     for shape, dtype in (((2, 12), "float32"), ((4, 6), "float16")):
         cache = kappatune.KappaCache(tmp_path / f"c{shape[0]}{dtype}")
-        cache.put(kappatune.KappaCache.key(good.digest or kappatune.tensor_digest(lin.weight.detach()), "matrix"),
+        cache.put(kappatune.KappaCache.key(good.digest or kappatune.cache.tensor_digest(lin.weight.detach()), "matrix"),
                   kappa=2.0, sigma_max=2.0, sigma_min=1.0, shape=shape, dtype=dtype, layout="matrix")
         cache.save()
         again = kappatune.scan(lin, cache=kappatune.KappaCache(cache.path), progress=False)["weight"]
@@ -297,7 +299,7 @@ def test_numpy_blas_follows_torch_threads_during_the_scan(monkeypatch, workers):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     import sys
 
-    scan_mod = sys.modules["kappatune.scan"]
+    scan_mod = sys.modules["kappatune.pipeline"]
 
     seen = []
     real = scan_mod._kappa_of

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kappatune
-from kappatune.selection import KappaEntry, KappaTable
+from kappatune.table import KappaEntry, KappaTable
 
 from .conftest import make_tiny_llama
 
@@ -290,6 +290,7 @@ def test_kappa_and_snr_share_the_cache_without_ever_mixing(tiny_llama, tmp_path)
 
 def test_a_cache_file_from_before_the_scores_is_read_as_it_is(tiny_llama, tmp_path):
     import json
+    import sqlite3
 
     from kappatune.cache import CACHE_FORMAT, KappaCache, tensor_digest
 
@@ -297,21 +298,29 @@ def test_a_cache_file_from_before_the_scores_is_read_as_it_is(tiny_llama, tmp_pa
     name = "model.layers.0.self_attn.q_proj.weight"
     w = params[name].detach()
     s = np.linalg.svd(w.double().numpy(), compute_uv=False)
-    old = {"format": CACHE_FORMAT, "schema_version": 1, "entries": {
-        f"{tensor_digest(w)}|matrix": {"kappa": float(s[0] / s[-1]), "sigma_max": float(s[0]),
-                                      "sigma_min": float(s[-1]), "shape": list(w.shape), "dtype": "float32",
-                                      "layout": "matrix", "per_matrix": None, "name": name}}}
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps(old))
+    key = f"{tensor_digest(w)}|matrix"
+    old = {"kappa": float(s[0] / s[-1]), "sigma_max": float(s[0]), "sigma_min": float(s[-1]),
+           "shape": list(w.shape), "dtype": "float32", "layout": "matrix", "per_matrix": None, "name": name}
+    path = tmp_path / "old.sqlite"  # a database as written before SNR entries existed: κ rows, no "score"
+    con = sqlite3.connect(str(path))
+    with con:
+        con.execute("CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        con.execute("CREATE TABLE entries (key TEXT PRIMARY KEY, entry TEXT NOT NULL) WITHOUT ROWID")
+        con.execute("INSERT INTO meta VALUES ('format', ?), ('schema_version', '1')", (CACHE_FORMAT,))
+        con.execute("INSERT INTO entries VALUES (?, ?)", (key, json.dumps(old)))
+    con.close()
     c = KappaCache(path)
     t = kappatune.scan(tiny_llama, cache=c, progress=False, include="q_proj")
     assert c.hits == 1 and t[name].kappa == float(s[0] / s[-1])
     c = KappaCache(path)
     kappatune.scan(tiny_llama, cache=c, progress=False, include="q_proj", score="snr")
     assert c.hits == 0                                  # a κ entry is not an SNR
-    data = json.loads(path.read_text())
-    assert data["entries"][f"{tensor_digest(w)}|matrix"] == old["entries"][f"{tensor_digest(w)}|matrix"]
-    assert sum(k.endswith("|snr") for k in data["entries"]) == 2
+    c.clear_memory()
+    con = sqlite3.connect(str(path))
+    rows = dict(con.execute("SELECT key, entry FROM entries"))
+    con.close()
+    assert json.loads(rows[key]) == old
+    assert sum(k.endswith("|snr") for k in rows) == 2
 
 
 def test_sharded_snr_step_and_broadcast_keep_the_score(tmp_path):
@@ -321,7 +330,7 @@ def test_sharded_snr_step_and_broadcast_keep_the_score(tmp_path):
 
     from kappatune.kappa import SnrResult
 
-    scan_mod = importlib.import_module("kappatune.scan")
+    scan_mod = importlib.import_module("kappatune.pipeline")
     g = torch.Generator().manual_seed(2)
     sd = {"a.weight": torch.randn(12, 20, generator=g), "b.weight": torch.randn(9, 7, generator=g),
           "experts.w": torch.randn(2, 6, 5, generator=g)}

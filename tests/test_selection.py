@@ -5,7 +5,8 @@ import pytest
 from torch import nn
 
 import kappatune
-from kappatune.selection import KappaEntry, KappaTable, layer_index, module_kind
+from kappatune.refs import layer_index, module_kind
+from kappatune.table import KappaEntry, KappaTable
 
 
 def entry(name, kappa, numel=100):
@@ -166,7 +167,7 @@ def snr_table():
 
 def test_an_snr_table_is_ordered_and_selected_highest_first(snr_table):
     t = snr_table
-    assert t.score.name == "snr" and t.score.higher_first and kappatune.selection.SCORES["kappa"].higher_first is False
+    assert t.score.name == "snr" and t.score.higher_first and kappatune.table.SCORES["kappa"].higher_first is False
     vals = [e.snr for e in t]
     assert vals == sorted(vals, reverse=True) and t.names[0] == "model.layers.3.self_attn.v_proj.weight"
     assert list(t.values.values()) == vals and all(math.isnan(k) for k in t.kappas.values())

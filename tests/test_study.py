@@ -558,14 +558,14 @@ def test_arm_selections_follow_their_rules():
     from tests.conftest import make_tiny_llama
 
     import kappatune
-    from kappatune.selection import module_kind
+    from kappatune.refs import module_kind
     from kappatune.study.arms import kinds_of, selections
 
     model = make_tiny_llama(layers=4)
     table = kappatune.scan(model, cache=False, exclude=sc.EMBEDDINGS, progress=False)
     names_file_arm = sc.Arm(name="names-x", kind="names", lrs=(1e-3,), names=(table.names[-1],))
     arms = tuple(sc.parse_arm(a) for a in ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind",
-                                           "kappa_low+decay", "random_kind+wd=0.1")) + (names_file_arm,)
+                                           "kappa_high_kind", "kappa_low+decay", "random_kind+wd=0.1")) + (names_file_arm,)
     cfg = sc.StudyConfig(arms=arms, budget={"top_fraction": 0.25}, seeds=(0, 1)).resolved()
     sel = selections(cfg, table, model)
     ref = sel["reference_names"]
@@ -645,7 +645,7 @@ def test_spectrum_arm_takes_the_highest_snr_of_each_kind_at_kappa_lows_count(tmp
 
     import kappatune
     from kappatune.cache import KappaCache
-    from kappatune.selection import module_kind
+    from kappatune.refs import module_kind
     from kappatune.study.arms import kinds_of, selections
 
     model = make_tiny_llama(layers=4)

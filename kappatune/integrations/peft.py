@@ -47,10 +47,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..refs import matrix_dims
-from ..scan import CacheArg, model_refs, scan_refs
-from ..selection import Patterns
-from ..selection import KappaEntry, KappaTable, NameFilter, SelectionPolicy, kappa_sort_key
+from ..refs import Eligibility, NameFilter, Patterns
+from ..pipeline import CacheArg, model_refs, scan_refs
+from ..selection import SelectionPolicy
+from ..table import KappaEntry, KappaTable, kappa_sort_key
 
 __all__ = [
     "LoraTarget",
@@ -119,10 +119,6 @@ def _check_suffixes(moe_param_suffixes: Optional[Sequence[str]]) -> Tuple[str, .
     return out
 
 
-def _matrix_side(entry: KappaEntry) -> int:
-    return max(matrix_dims(entry.shape, entry.layout))
-
-
 def kappa_lora_targets(
     model: nn.Module,
     *,
@@ -159,11 +155,7 @@ def kappa_lora_targets(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if max_dim_size_to_analyze is not None and (
-        isinstance(max_dim_size_to_analyze, bool) or not isinstance(max_dim_size_to_analyze, int)
-        or max_dim_size_to_analyze < 1
-    ):
-        raise ValueError(f"max_dim_size_to_analyze must be None or an int >= 1, got {max_dim_size_to_analyze!r}")
+    eligible = Eligibility(max_dim=max_dim_size_to_analyze, arg_names=("min_ndim", "max_dim_size_to_analyze"))
     suffixes = _check_suffixes(moe_param_suffixes)
     wanted = NameFilter(include, exclude)
     modules, params = _candidates(model, suffixes)
@@ -191,9 +183,7 @@ def kappa_lora_targets(
         if pname not in table:
             return None
         e = table[pname]
-        if max_dim_size_to_analyze is not None and _matrix_side(e) > max_dim_size_to_analyze:
-            return None
-        return e
+        return None if eligible.reason(e.name, e.shape, e.layout) else e
 
     out: List[LoraTarget] = []
     for mname, pname in modules:
@@ -209,51 +199,38 @@ def kappa_lora_targets(
 
 
 # -- PEFT-compatible selection --------------------------------------------------------------
-# PEFT's policy names → kappatune's (the rule and its checks live in SelectionPolicy).
-_PEFT_POLICIES = {"num_modules": "num_tensors", "threshold": "max_kappa", "param_budget": "param_budget"}
+# PEFT's spellings of kappatune's policies: a thin translation into SelectionPolicy, which holds the
+# rule ("at most one", PEFT having top_p as its default) and every value check.
+_PEFT_SPELLING = {"num_tensors": "num_modules=", "max_kappa": "threshold=", "top_fraction": "top_p="}
 
 
-def _validate(top_p: Optional[float], num_modules: Optional[int], threshold: Optional[float],
-              param_budget: Optional[Union[int, float]]) -> Optional[SelectionPolicy]:
-    """PEFT's arguments checked; the :class:`SelectionPolicy` of the one given (``None``: ``top_p``)."""
-    values = {"num_modules": num_modules, "threshold": threshold, "param_budget": param_budget}
-    given = [k for k, v in values.items() if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"give at most one of num_modules, threshold, param_budget (top_p is then ignored); "
-                         f"got {given}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (or None with another policy), got {top_p!r}")
-    if not given:
-        return None
-    ours = _PEFT_POLICIES[given[0]]
-    try:
-        return SelectionPolicy(**{ours: values[given[0]]})
-    except ValueError as e:  # say it with PEFT's name for the argument
-        raise ValueError(str(e).replace(ours, given[0])) from None
+def _peft_policy(top_p: Optional[float], num_modules: Optional[int], threshold: Optional[float],
+                 param_budget: Optional[Union[int, float]]) -> Optional[SelectionPolicy]:
+    """The :class:`SelectionPolicy` of PEFT's arguments (``None``: ``top_p``, applied per group)."""
+    policy = SelectionPolicy.resolve(spelling=_PEFT_SPELLING, default="top_p=", num_tensors=num_modules,
+                                     max_kappa=threshold, param_budget=param_budget)
+    if policy is None and top_p is not None:  # checked as a fraction, in PEFT's name
+        SelectionPolicy.resolve(spelling=_PEFT_SPELLING, top_fraction=top_p)
+    return policy
 
 
-def _pick(group: List[LoraTarget], top_p: Optional[float], num_modules: Optional[int],
-          threshold: Optional[float]) -> List[str]:
-    """PEFT's ``KappaTuneSelector.get_best_targets`` policy on one group, lowest κ first."""
+def _targets_table(targets: List[LoraTarget]) -> KappaTable:
+    return KappaTable([KappaEntry(name=x.name, kappa=x.kappa, shape=x.shape, numel=x.numel, dtype="")
+                       for x in targets])
+
+
+def _pick(group: List[LoraTarget], policy: Optional[SelectionPolicy], top_p: Optional[float]) -> List[str]:
+    """One group's targets, lowest κ first: ``policy``, or PEFT's ``top_p`` rule
+    (the ``max(1, int(n · top_p))`` lowest), or every target without either."""
     if not group:
         return []
-    if num_modules is not None:
-        return [t.name for t in group[: min(num_modules, len(group))]]
-    if threshold is not None:
-        return [t.name for t in group if t.kappa <= threshold]
-    if top_p is not None:
-        return [t.name for t in group[: max(1, int(len(group) * top_p))]]
-    return [t.name for t in group]
-
-
-def _budget_pick(targets: List[LoraTarget], policy: SelectionPolicy) -> List[str]:
-    """A ``param_budget`` policy over modules and expert parameters together."""
-    if not targets:
-        return []
-    t = KappaTable([KappaEntry(name=x.name, kappa=x.kappa, shape=x.shape, numel=x.numel, dtype="")
-                    for x in targets])
-    return policy.apply(t)
+    if policy is None:
+        if top_p is None:
+            return [t.name for t in group]
+        policy = SelectionPolicy(num_tensors=max(1, int(len(group) * top_p)))
+    if policy.name == "num_tensors":  # PEFT: min(k, n) per group, without a warning
+        policy = SelectionPolicy(num_tensors=min(policy.value, len(group)))
+    return policy.apply(_targets_table(group), allow_empty=True)
 
 
 def _collisions(names: Iterable[str], keys: Iterable[str]) -> Dict[str, List[str]]:
@@ -312,7 +289,7 @@ def find_kappa_target_modules(
     rank-deficient weight gets ``κ = inf``), ties are broken by name, κ values are cached on disk
     by content, and transformers' ``Conv1D`` layers (GPT-2) are candidates too.
     """
-    policy = _validate(top_p, num_modules, threshold, param_budget)
+    policy = _peft_policy(top_p, num_modules, threshold, param_budget)
     targets = kappa_lora_targets(
         model, max_dim_size_to_analyze=max_dim_size_to_analyze, moe_param_suffixes=moe_param_suffixes,
         show_progress=show_progress, table=table, cache=cache, recompute=recompute, include=include,
@@ -321,12 +298,12 @@ def find_kappa_target_modules(
     mods = [t for t in targets if t.kind == "module"]
     prms = [t for t in targets if t.kind == "parameter"]
     if policy is not None and policy.name == "param_budget":
-        chosen = set(_budget_pick(targets, policy))
+        chosen = set(policy.apply(_targets_table(targets)) if targets else [])
         target_modules = [t.name for t in mods if t.name in chosen]
         target_parameters = [t.name for t in prms if t.name in chosen]
     else:
-        target_modules = _pick(mods, top_p, num_modules, threshold)
-        target_parameters = _pick(prms, top_p, num_modules, threshold)
+        target_modules = _pick(mods, policy, top_p)
+        target_parameters = _pick(prms, policy, top_p)
     _warn_collisions(model, target_modules, target_parameters)
     return {"target_modules": target_modules, "target_parameters": target_parameters or None}
 

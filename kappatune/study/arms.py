@@ -49,8 +49,8 @@ class ArmError(ValueError):
 
 
 def kinds_of(names: Sequence[str]) -> Dict[str, int]:
-    """``{module kind: count}`` of ``names`` (:func:`kappatune.selection.module_kind`), sorted by kind."""
-    from ..selection import module_kind
+    """``{module kind: count}`` of ``names`` (:func:`kappatune.refs.module_kind`), sorted by kind."""
+    from ..refs import module_kind
 
     out: Dict[str, int] = {}
     for n in names:
@@ -62,7 +62,7 @@ def kinds_of(names: Sequence[str]) -> Dict[str, int]:
 def reordered(table: Any, order: Sequence[str]) -> Any:
     """A :class:`~kappatune.KappaTable` of the same tensors whose ascending order is ``order``
     (each entry's κ replaced by its rank), so that ``select`` walks ``order``."""
-    from ..selection import KappaTable
+    from ..table import KappaTable
 
     return KappaTable([dataclasses.replace(table[n], kappa=float(i + 1), snr=math.nan, score="kappa")
                        for i, n in enumerate(order)])
@@ -95,7 +95,7 @@ def _random(table: Any, budget: Mapping[str, Any], seed: int, ref: Sequence[str]
 
 def _random_kind(table: Any, budget: Mapping[str, Any], seed: int, ref: Sequence[str],
                  scores: Mapping[str, Any]) -> Tuple[List[str], str]:
-    from ..selection import module_kind
+    from ..refs import module_kind
 
     comp = kinds_of(ref)
     by_kind: Dict[str, List[str]] = {}
@@ -104,6 +104,18 @@ def _random_kind(table: Any, budget: Mapping[str, Any], seed: int, ref: Sequence
     rng = random.Random(f"random_kind:{seed}")
     names = [n for k, c in comp.items() for n in rng.sample(by_kind[k], c)]
     return names, f"per module kind, a seeded random draw (seed {seed}) of κ-low's counts {comp}"
+
+
+def _kappa_high_kind(table: Any, budget: Mapping[str, Any], seed: int, ref: Sequence[str],
+                     scores: Mapping[str, Any]) -> Tuple[List[str], str]:
+    from ..refs import module_kind
+
+    comp = kinds_of(ref)
+    by_kind: Dict[str, List[str]] = {}
+    for n in table.names:                                      # ascending κ
+        by_kind.setdefault(module_kind(n), []).append(n)
+    names = [n for k, c in comp.items() for n in by_kind[k][::-1][:c]]
+    return names, f"per module kind, the highest-κ tensors in κ-low's counts {comp}"
 
 
 def _kappa_low_kind(table: Any, budget: Mapping[str, Any], seed: int, ref: Sequence[str],

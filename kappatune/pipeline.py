@@ -10,7 +10,7 @@ e.g. a checkpoint's) run one short pipeline, each step a function of its own:
 3. :func:`compute_local` / :func:`compute_sharded` — compute κ (:mod:`kappatune.kappa`) for the rest,
    in this process or sharded over the ranks of a ``torch.distributed`` process group;
 4. :func:`store` — record the new values in the cache (rank 0 writes the file);
-5. :func:`build_table` — the :class:`~kappatune.selection.KappaTable`, lowest κ first.
+5. :func:`build_table` — the :class:`~kappatune.table.KappaTable`, lowest κ first.
 
 ``score="snr"`` runs the same pipeline for Spectrum's signal-to-noise ratio
 (:func:`kappatune.kappa.snr_of`, from every singular value): the same filters, digests, cache
@@ -47,9 +47,10 @@ from torch import nn
 
 from .cache import KappaCache, tensor_digest
 from .distributed import rank_and_world
+from ._numbers import aggregate_values
 from .kappa import KappaResult, SnrResult, kappa_of, snr_of
-from .refs import TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
-from .selection import SCORES, KappaEntry, KappaTable, NameFilter, Patterns
+from .refs import Eligibility, NameFilter, Patterns, TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
+from .table import SCORES, KappaEntry, KappaTable
 
 __all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "state_dict_refs", "resolve_cache", "CacheArg",
            "filter_refs", "lookup", "compute_local", "compute_sharded", "store", "build_table", "Looked",
@@ -130,21 +131,6 @@ def state_dict_refs(state_dict: Mapping[str, torch.Tensor]) -> List[TensorRef]:
 
 
 # -- 1. filter -------------------------------------------------------------------------------
-def _skip_reason(ref: TensorRef, min_ndim: int, max_dim: Optional[int], names: NameFilter) -> Optional[str]:
-    reason = names.reason(ref.name)
-    if reason:
-        return reason
-    if len(ref.shape) < max(min_ndim, 2):
-        return f"ndim<{max(min_ndim, 2)}"
-    if not ref.floating:
-        return "not floating point"
-    if math.prod(ref.shape) == 0:
-        return "empty"
-    if max_dim is not None and max(matrix_dims(ref.shape, ref.layout)) > max_dim:
-        return "max_dim"
-    return None
-
-
 def filter_refs(refs: Iterable[TensorRef], *, min_ndim: int = 2, max_dim: Optional[int] = None,
                 names: Optional[NameFilter] = None) -> Tuple[List[TensorRef], Dict[str, str]]:
     """Step 1: the eligible refs, and ``name → reason`` for every other one.
@@ -158,24 +144,7 @@ def filter_refs(refs: Iterable[TensorRef], *, min_ndim: int = 2, max_dim: Option
     Raises:
         ValueError: a name that appears twice, or an invalid argument.
     """
-    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
-        raise ValueError(f"min_ndim must be an int >= 1, got {min_ndim!r}")
-    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
-        raise ValueError(f"max_dim must be None or an int >= 1, got {max_dim!r}")
-    names = names if names is not None else NameFilter()
-    eligible: List[TensorRef] = []
-    skipped: Dict[str, str] = {}
-    seen = set()
-    for ref in refs:
-        if ref.name in seen:
-            raise ValueError(f"tensor name {ref.name!r} appears twice")
-        seen.add(ref.name)
-        reason = _skip_reason(ref, min_ndim, max_dim, names)
-        if reason:
-            skipped[ref.name] = reason
-        else:
-            eligible.append(ref)
-    return eligible, skipped
+    return Eligibility(min_ndim, max_dim, names).split(refs)
 
 
 # -- 2. cache lookup -------------------------------------------------------------------------
@@ -186,10 +155,6 @@ def load_tensor(ref: TensorRef) -> torch.Tensor:
         raise ValueError(f"{ref.name}: the tensor is on the meta device (no data); load real weights before "
                          "scanning (e.g. from_pretrained without device_map='meta' / init_empty_weights)")
     return t
-
-
-def _digest(ref: TensorRef) -> str:
-    return ref.digest() if ref.digest is not None else tensor_digest(load_tensor(ref))
 
 
 def _result_from_entry(e: Mapping[str, Any]) -> KappaResult:
@@ -282,7 +247,7 @@ def _snr_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> SnrResult:
 
 @dataclass(frozen=True)
 class _ScoreOps:
-    """How the pipeline computes and caches one score (:data:`kappatune.selection.SCORES`)."""
+    """How the pipeline computes and caches one score (:data:`kappatune.table.SCORES`)."""
 
     result: type       # KappaResult or SnrResult
     compute: Any       # (ref, tensor or None) -> result
@@ -313,13 +278,11 @@ def resolve_workers(num_workers: Optional[int] = None) -> int:
 @contextlib.contextmanager
 def _blas_threads(threads: int) -> Iterator[None]:
     """torch's intra-op threads and numpy's BLAS (OpenBLAS, through threadpoolctl) at ``threads``
-    while the block runs; both are restored afterwards.
+    while the block runs; both are restored afterwards, also on an exception.
 
-    numpy's BLAS otherwise keeps its own count (the cores), whatever ``torch.set_num_threads``
-    says: one worker under ``torch.set_num_threads(1)`` then still ran 2 BLAS threads, which on a
-    loaded 2-core machine made the scan 4-6x slower (measured here). Parallel workers get one
-    thread each: measured (benchmarks/results/scan_speed), on these sizes 2 BLAS threads in one
-    matrix are slower than 1, and 2 matrices at once are about 2x faster.
+    numpy's BLAS does not follow ``torch.set_num_threads``: without this, it runs as many threads
+    as there are cores. Without threadpoolctl only torch's threads are set. Why one thread per
+    worker: docs/concepts/kappa.md, "Threads in a scan".
     """
     prev = torch.get_num_threads()
     try:
@@ -490,7 +453,7 @@ def aggregate_kappa(res: Result, aggregate: str = "mean") -> float:
     """κ (or the SNR) of a result: the value itself, or the ``"mean"``/``"max"`` over the matrices of a stack."""
     if res.per_matrix is None:
         return res.kappa if isinstance(res, KappaResult) else res.snr
-    return max(res.per_matrix) if aggregate == "max" else sum(res.per_matrix) / len(res.per_matrix)
+    return aggregate_values(res.per_matrix, aggregate)
 
 
 def build_table(refs: Sequence[TensorRef], results: Mapping[str, Result], digests: Mapping[str, str],
