@@ -68,8 +68,7 @@ from ._files import new_file_mode
 from ._numbers import aggregate_values, decode_float, encode_float
 from .refs import dtype_name, matrix_dims, num_matrices, resolve_layout
 
-__all__ = ["KappaCache", "tensor_digest", "default_cache_dir", "SCHEMA_VERSION", "CACHE_FORMAT",
-           "validate_entry", "InvalidEntry", "key_score"]
+__all__ = ["KappaCache", "tensor_digest", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 

@@ -66,8 +66,7 @@ from .refs import TensorRef, default_layout
 from .pipeline import scan_refs
 from .table import KappaTable
 
-__all__ = ["scan_checkpoint", "checkpoint_refs", "checkpoint_files", "checkpoint_layout", "CheckpointError",
-           "SafetensorsFile", "INDEX_NAME", "WEIGHTS_NAME"]
+__all__ = ["scan_checkpoint", "checkpoint_refs", "CheckpointError"]
 
 logger = logging.getLogger(__name__)
 

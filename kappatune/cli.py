@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "SCAN_FORMAT", "read_scan", "write_output"]
+__all__ = ["main"]
 
 SCAN_FORMAT = "kappatune-scan"
 SCAN_VERSION = 1

@@ -52,8 +52,7 @@ from .distributed import unwrap_model
 from .refs import dtype_name
 from .resolve import named_parameters
 
-__all__ = ["apply_delta", "apply_delta_to_checkpoint", "save_delta", "read_delta", "AppliedDelta", "DeltaError",
-           "DELTA_CONFIG_NAME", "DELTA_WEIGHTS_NAME"]
+__all__ = ["apply_delta", "AppliedDelta", "DeltaError"]
 
 logger = logging.getLogger(__name__)
 

@@ -40,16 +40,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = [
-    "is_distributed",
-    "rank_and_world",
-    "check_same_selection",
-    "sharding_kind",
-    "check_wrapped_model",
-    "check_ddp_selection",
-    "unwrap_model",
-    "SCAN_BEFORE_WRAP",
-]
+__all__ = ["unwrap_model", "check_same_selection"]
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from ._numbers import encode_float
 from .table import KappaTable
 
-__all__ = ["FORMATS", "axolotl_pattern", "axolotl_yaml", "peft_targets", "format_selection"]
+__all__ = ["FORMATS", "format_selection"]
 
 FORMATS = ("names", "json", "axolotl", "peft")
 

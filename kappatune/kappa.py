@@ -111,8 +111,7 @@ import torch
 from ._numbers import aggregate_values
 from .refs import Layout, resolve_layout
 
-__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "SnrResult", "snr_of",
-           "snr_from_singular_values", "mp_threshold", "IQR_TO_SIGMA"]
+__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "snr_of", "SnrResult"]
 
 Aggregate = Literal["mean", "max"]
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from .distributed import unwrap_model
 
-__all__ = ["measure_forgetting", "Batch"]
+__all__ = ["measure_forgetting"]
 
 #: A batch: a tensor of token ids ``(batch, seq)`` or a mapping with ``input_ids`` (and optionally
 #: ``attention_mask`` and ``labels``, ``-100`` marking positions that do not count).

@@ -53,7 +53,7 @@ from .pipeline import CacheArg
 from .selection import FreezeHandle, GroupBy, SelectionPolicy, freeze_all_but
 from .table import KappaEntry, KappaTable
 
-__all__ = ["KappaTuneOptimizer", "OptimizerFactory", "unwrap_model", "STATE_KEY", "DECAY_KEY"]
+__all__ = ["KappaTuneOptimizer"]
 
 logger = logging.getLogger(__name__)
 

@@ -52,9 +52,7 @@ from .kappa import KappaResult, SnrResult, kappa_of, snr_of
 from .refs import Eligibility, NameFilter, Patterns, TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
 from .table import SCORES, KappaEntry, KappaTable
 
-__all__ = ["scan", "scan_refs", "TensorRef", "model_refs", "state_dict_refs", "resolve_cache", "CacheArg",
-           "filter_refs", "lookup", "compute_local", "compute_sharded", "store", "build_table", "Looked",
-           "load_tensor", "aggregate_kappa", "resolve_workers"]
+__all__ = ["scan", "scan_refs", "model_refs", "state_dict_refs", "CacheArg"]
 
 logger = logging.getLogger(__name__)
 

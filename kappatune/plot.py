@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 from .refs import module_kind
 from .table import KappaTable
 
-__all__ = ["plot_kappa", "kappa_grid", "figure_size", "image_format", "KappaGrid"]
+__all__ = ["plot_kappa"]
 
 _INT = re.compile(r"^\d+$")
 # Familiar kinds in the order they run through a transformer block; others follow alphabetically.

@@ -44,7 +44,7 @@ from torch import nn
 from .cache import tensor_digest
 from .refs import TensorRef
 
-__all__ = ["quantized_ref", "is_quantized_param", "dequantize"]
+__all__ = ["is_quantized_param"]
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Literal, 
 if TYPE_CHECKING:  # torch is not imported at run time: the cache and the CLI use this module without it
     import torch
 
-__all__ = ["TensorRef", "Layout", "default_layout", "resolve_layout", "matrix_dims", "num_matrices",
-           "dtype_name", "clean_name", "module_kind", "layer_index", "Patterns", "NameFilter", "Eligibility"]
+__all__ = ["TensorRef", "NameFilter", "Eligibility", "Patterns", "module_kind", "layer_index", "clean_name"]
 
 Layout = Literal["auto", "matrix", "flatten", "stack"]
 

@@ -29,7 +29,7 @@ from .pipeline import CacheArg, aggregate_kappa, lookup, model_refs, resolve_cac
 from .selection import SelectionPolicy
 from .table import KappaEntry, KappaTable, kappa_sort_key
 
-__all__ = ["Selection", "resolve_selection", "named_parameters"]
+__all__ = ["Selection", "resolve_selection"]
 
 logger = logging.getLogger(__name__)
 

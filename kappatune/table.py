@@ -29,7 +29,7 @@ from ._numbers import decode_float, encode_float
 from .refs import NameFilter, Patterns, layer_index, module_kind
 from .selection import GroupBy, SelectionPolicy
 
-__all__ = ["KappaEntry", "KappaTable", "Score", "SCORES", "kappa_sort_key"]
+__all__ = ["KappaTable", "KappaEntry", "Score", "SCORES"]
 
 
 @dataclass(frozen=True)

@@ -362,6 +362,8 @@ GIVENS = {
     "MODEL": _saved_model,                                  # the folder it is saved in (from_pretrained)
     "MODEL_DIR": _saved_model,                              # the same, for the command line
     "batches": _batches,                                    # token-id tensors (2, 16)
+    "general_batches": _batches,                            # the forgetting monitor's control text
+    "task_batches": _batches,                               # and its task text
     "loader": lambda ctx: [dict(input_ids=x, labels=x) for x in _given(ctx, "batches")],
     "accum": lambda ctx: 2,
     "opt": _opt,                                            # KappaTuneOptimizer over model, AdamW
