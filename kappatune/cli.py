@@ -31,14 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .refs import DEFAULT_MAX_DIM  # the library's default, so the CLI selects what the library does
+
 __all__ = ["main"]
 
 SCAN_FORMAT = "kappatune-scan"
 SCAN_VERSION = 1
-# The default --max-dim: the value the library's quickstart passes (KappaTuneOptimizer(..., max_dim=16384)),
-# so that `kappatune show MODEL --top-fraction 0.1` marks the tensors the quickstart trains. It leaves out
-# matrices with a side over 16384: in practice the embedding and an untied LM head of a large vocabulary.
-DEFAULT_MAX_DIM = 16384
 _SCAN_ONLY = ("min_ndim", "max_dim", "aggregate", "cache_dir", "no_cache", "recompute", "workers")
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from .delta import save_delta as _save_delta
 from .distributed import (check_ddp_selection, check_same_selection, check_wrapped_model, sharding_kind,
                           unwrap_model)
-from .refs import Patterns, clean_name, dtype_name
+from .refs import DEFAULT_MAX_DIM, Patterns, clean_name, dtype_name
 from .resolve import named_parameters, resolve_selection
 from .pipeline import CacheArg
 from .selection import FreezeHandle, GroupBy, SelectionPolicy, freeze_all_but
@@ -258,8 +258,9 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
             up_proj, …), per ``"layer"``, or per key of a callable ``name -> key`` (default
             ``None``: over all candidates).
         min_ndim (int): scan filter: skip tensors with fewer dimensions (default ``2``).
-        max_dim (Optional[int]): scan filter: skip tensors with a matrix side longer than this
-            (default ``None``: no limit).
+        max_dim (Optional[int]): scan filter: skip tensors with a matrix side longer than this;
+            ``None``: no limit (default :data:`~kappatune.refs.DEFAULT_MAX_DIM`, 16384: the token
+            embedding of a large vocabulary is not a candidate).
         include (None, str or sequence of str): regexes (``re.search`` on the name) a candidate
             must match; they also restrict the candidates of a given ``table`` (default ``None``).
         exclude (None, str or sequence of str): regexes that leave a candidate out (default
@@ -334,7 +335,7 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         names: Optional[Sequence[str]] = None,
         group_by: GroupBy = None,
         min_ndim: int = 2,
-        max_dim: Optional[int] = None,
+        max_dim: Optional[int] = DEFAULT_MAX_DIM,
         include: Patterns = None,
         exclude: Patterns = None,
         aggregate: str = "mean",

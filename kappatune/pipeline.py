@@ -23,7 +23,7 @@ nothing distributed happens.
 
 Example::
 
-    >>> table = kappatune.scan(model, max_dim=16384)
+    >>> table = kappatune.scan(model)
     >>> table[:3]           # the three lowest-κ tensors
     >>> snr = kappatune.scan(model, score="snr")
     >>> snr.select(top_fraction=0.25, group_by="kind")   # Spectrum: the top quarter of each kind
@@ -49,7 +49,7 @@ from .cache import KappaCache, tensor_digest
 from .distributed import rank_and_world
 from ._numbers import aggregate_values
 from .kappa import KappaResult, SnrResult, kappa_of, snr_of
-from .refs import Eligibility, NameFilter, Patterns, TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
+from .refs import DEFAULT_MAX_DIM, Eligibility, NameFilter, Patterns, TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
 from .table import SCORES, KappaEntry, KappaTable
 
 __all__ = ["scan", "scan_refs", "model_refs", "state_dict_refs", "CacheArg"]
@@ -129,14 +129,14 @@ def state_dict_refs(state_dict: Mapping[str, torch.Tensor]) -> List[TensorRef]:
 
 
 # -- 1. filter -------------------------------------------------------------------------------
-def filter_refs(refs: Iterable[TensorRef], *, min_ndim: int = 2, max_dim: Optional[int] = None,
+def filter_refs(refs: Iterable[TensorRef], *, min_ndim: int = 2, max_dim: Optional[int] = DEFAULT_MAX_DIM,
                 names: Optional[NameFilter] = None) -> Tuple[List[TensorRef], Dict[str, str]]:
     """Step 1: the eligible refs, and ``name → reason`` for every other one.
 
     Args:
         refs (Iterable[TensorRef]): the candidates; names must be unique.
         min_ndim (int): fewer dimensions → ``"ndim<k"`` (default 2; at least 2 always applies).
-        max_dim (Optional[int]): a matrix side longer than this → ``"max_dim"`` (default ``None``).
+        max_dim (Optional[int]): a matrix side longer than this → ``"max_dim"`` (default 16384).
         names (Optional[NameFilter]): include/exclude patterns (default ``None``: all names).
 
     Raises:
@@ -515,7 +515,7 @@ def scan(
     model: Union[nn.Module, Mapping[str, torch.Tensor]],
     *,
     min_ndim: int = 2,
-    max_dim: Optional[int] = None,
+    max_dim: Optional[int] = DEFAULT_MAX_DIM,
     include: Patterns = None,
     exclude: Patterns = None,
     cache: CacheArg = True,
@@ -531,9 +531,9 @@ def scan(
         model (nn.Module or Mapping[str, Tensor]): a module (its ``named_parameters()``, tied
             weights once) or a state dict.
         min_ndim (int): tensors with fewer dimensions are skipped (default 2: biases and norms).
-        max_dim (Optional[int]): skip tensors with a matrix side longer than this (default
-            ``None``; ``16384``, the quickstart's value and the command line's default, leaves out
-            large embeddings and LM heads).
+        max_dim (Optional[int]): skip tensors with a matrix side longer than this; ``None``
+            analyses every size (default :data:`~kappatune.refs.DEFAULT_MAX_DIM`, 16384: the token
+            embedding and an untied LM head of a large vocabulary are left out, on every entry point).
         include (None, str or sequence of str): regexes (``re.search``) a name must match one of
             (default ``None``: all).
         exclude (None, str or sequence of str): regexes no name may match (default ``None``).
@@ -581,7 +581,7 @@ def scan_refs(
     refs: Iterable[TensorRef],
     *,
     min_ndim: int = 2,
-    max_dim: Optional[int] = None,
+    max_dim: Optional[int] = DEFAULT_MAX_DIM,
     include: Patterns = None,
     exclude: Patterns = None,
     cache: CacheArg = True,

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Literal, 
 if TYPE_CHECKING:  # torch is not imported at run time: the cache and the CLI use this module without it
     import torch
 
-__all__ = ["TensorRef", "NameFilter", "Eligibility", "Patterns", "module_kind", "layer_index", "clean_name"]
+__all__ = ["TensorRef", "NameFilter", "Eligibility", "Patterns", "module_kind", "layer_index", "clean_name",
+           "DEFAULT_MAX_DIM"]
 
 Layout = Literal["auto", "matrix", "flatten", "stack"]
 
@@ -263,6 +264,15 @@ class NameFilter:
         return f"NameFilter(include={self.include!r}, exclude={self.exclude!r})"
 
 
+#: The default ``max_dim`` of every entry point (the scan, the optimizer, the Trainer factory, the
+#: command line, the PEFT bridge, the study): matrices with a side longer than 16384 are not
+#: analysed, in practice the token embedding and an untied LM head of a large vocabulary (the
+#: reference kappaTune and PEFT's ``max_dim_size_to_analyze`` use the same value). Trained, such a
+#: tensor alone would be a large share of the parameters (21 % of SmolLM2-135M's). Pass
+#: ``max_dim=None`` to analyse every size.
+DEFAULT_MAX_DIM = 16384
+
+
 class Eligibility:
     """Which tensors are analysed (and so selectable): the scan's filters, in one place.
 
@@ -275,8 +285,8 @@ class Eligibility:
     Args:
         min_ndim (int, optional): fewer dimensions are skipped; at least 2 always applies.
             Default: ``2`` (biases and norms are skipped).
-        max_dim (int, optional): a matrix side longer than this is skipped. Default: ``None``
-            (no limit).
+        max_dim (int, optional): a matrix side longer than this is skipped; ``None``: no limit.
+            Default: :data:`DEFAULT_MAX_DIM` (16384).
         names (NameFilter, optional): include/exclude patterns. Default: ``None`` (every name).
         arg_names (Tuple[str, str], optional): how ``min_ndim`` and ``max_dim`` are named in errors.
             Default: ``("min_ndim", "max_dim")`` (PEFT's bridge passes ``max_dim_size_to_analyze``).
@@ -285,7 +295,7 @@ class Eligibility:
         ValueError: ``min_ndim`` not an int >= 1, or ``max_dim`` neither ``None`` nor an int >= 1.
     """
 
-    def __init__(self, min_ndim: int = 2, max_dim: Optional[int] = None, names: Optional[NameFilter] = None, *,
+    def __init__(self, min_ndim: int = 2, max_dim: Optional[int] = DEFAULT_MAX_DIM, names: Optional[NameFilter] = None, *,
                  arg_names: Tuple[str, str] = ("min_ndim", "max_dim")) -> None:
         if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
             raise ValueError(f"{arg_names[0]} must be an int >= 1, got {min_ndim!r}")

@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
 
-from .refs import Eligibility, NameFilter, Patterns, clean_name, dtype_name
+from .refs import DEFAULT_MAX_DIM, Eligibility, NameFilter, Patterns, clean_name, dtype_name
 from .pipeline import CacheArg, aggregate_kappa, lookup, model_refs, resolve_cache, scan
 from .selection import SelectionPolicy
 from .table import KappaEntry, KappaTable, kappa_sort_key
@@ -213,7 +213,7 @@ def resolve_selection(
     exclude: Patterns = None,
     table: Optional[KappaTable] = None,
     min_ndim: int = 2,
-    max_dim: Optional[int] = None,
+    max_dim: Optional[int] = DEFAULT_MAX_DIM,
     aggregate: str = "mean",
     cache: CacheArg = True,
     recompute: bool = False,
@@ -242,7 +242,8 @@ def resolve_selection(
             ``None``).
         table (Optional[KappaTable]): a precomputed table of this model (default ``None``: scan).
         min_ndim (int): skip tensors with fewer dimensions (default ``2``), as :func:`kappatune.scan`.
-        max_dim (Optional[int]): skip tensors with a longer matrix side (default ``None``).
+        max_dim (Optional[int]): skip tensors with a longer matrix side; ``None``: no limit (default
+            :data:`~kappatune.refs.DEFAULT_MAX_DIM`, 16384).
         aggregate (str): ``"mean"`` or ``"max"`` over a stacked 3-D parameter (default ``"mean"``).
         cache (bool, None, str, PathLike or KappaCache): the κ cache, as :func:`kappatune.scan`
             (default ``True``: the default cache).

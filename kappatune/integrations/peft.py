@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..refs import Eligibility, NameFilter, Patterns
+from ..refs import DEFAULT_MAX_DIM, Eligibility, NameFilter, Patterns
 from ..pipeline import CacheArg, model_refs, scan_refs
 from ..selection import SelectionPolicy
 from ..table import KappaEntry, KappaTable, kappa_sort_key
@@ -122,7 +122,7 @@ def _check_suffixes(moe_param_suffixes: Optional[Sequence[str]]) -> Tuple[str, .
 def kappa_lora_targets(
     model: nn.Module,
     *,
-    max_dim_size_to_analyze: Optional[int] = 16384,
+    max_dim_size_to_analyze: Optional[int] = DEFAULT_MAX_DIM,
     moe_param_suffixes: Optional[Sequence[str]] = None,
     show_progress: bool = True,
     table: Optional[KappaTable] = None,
@@ -253,7 +253,7 @@ def _param_keys(model: nn.Module) -> List[str]:
 def find_kappa_target_modules(
     model: nn.Module,
     top_p: Optional[float] = 0.2,
-    max_dim_size_to_analyze: Optional[int] = 16384,
+    max_dim_size_to_analyze: Optional[int] = DEFAULT_MAX_DIM,
     moe_param_suffixes: Optional[Tuple[str, ...]] = None,
     show_progress: bool = True,
     *,
@@ -328,7 +328,7 @@ def get_kappa_lora_config(
     target_modules: Optional[Union[List[str], str]] = None,
     task_type: Any = "CAUSAL_LM",
     *,
-    max_dim_size_to_analyze: Optional[int] = 16384,
+    max_dim_size_to_analyze: Optional[int] = DEFAULT_MAX_DIM,
     moe_param_suffixes: Optional[Tuple[str, ...]] = None,
     show_progress: bool = True,
     table: Optional[KappaTable] = None,
