@@ -508,7 +508,24 @@ def kappa_of(
     layout: Layout = "auto",
     aggregate: Aggregate = "mean",
 ) -> KappaResult:
-    """κ of one weight tensor with its layout resolved (see the module docstring)."""
+    """κ of one weight tensor with σ_max and σ_min, its layout resolved (see the module docstring).
+
+    Args:
+        tensor (Tensor): a weight with at least 2 dimensions, any floating dtype, any device.
+        name (str, optional): names the tensor in errors. Default: ``"tensor"``.
+        layout (str, optional): ``"auto"``, ``"matrix"``, ``"flatten"`` or ``"stack"``
+            (:func:`kappatune.refs.resolve_layout`). Default: ``"auto"``.
+        aggregate (str, optional): ``"mean"`` or ``"max"`` over the matrices of a ``"stack"``.
+            Default: ``"mean"``.
+
+    Returns:
+        KappaResult: ``kappa`` (the aggregate for a stack), ``sigma_max``, ``sigma_min`` (over the
+        stack), the layout used and, for a stack, ``per_matrix``.
+
+    Raises:
+        ValueError: fewer than 2 dimensions, an empty or non-floating tensor, NaN/Inf values, or a
+            layout that does not fit the shape.
+    """
     stack, lay = _as_stack(tensor, layout, name, aggregate)
     kappa, smax, smin = _stack_extremes(stack, name)
     if lay != "stack":
@@ -527,7 +544,24 @@ def condition_number(
 ) -> float:
     """κ = σ_max / σ_min of a weight tensor, exact to 1e-6 relative (see the module docstring).
 
-    Any floating dtype (fp16, bf16, fp32, fp64) on any device; computed in float64.
+    :math:`\\kappa(W) = \\sigma_{\\max}(W) / \\sigma_{\\min}(W)`, with :math:`\\sigma_{\\min}` the smallest of
+    the :math:`\\min(m, n)` singular values of the :math:`m \\times n` matrix.
+
+    Any floating dtype (fp16, bf16, fp32, fp64) on any device; computed in float64. ``inf`` for a
+    rank-deficient matrix.
+
+    Args:
+        tensor (Tensor): a weight with at least 2 dimensions.
+        name (str, optional): names the tensor in errors. Default: ``"tensor"``.
+        layout (str, optional): how the tensor is read as matrices: ``"auto"`` (2-D as is, 3-D a
+            stack, ≥ 4-D flattened to ``(out, -1)``), ``"matrix"``, ``"flatten"`` or ``"stack"``.
+            Default: ``"auto"``.
+        aggregate (str, optional): ``"mean"`` or ``"max"`` over the matrices of a stack. Default:
+            ``"mean"``.
+
+    Raises:
+        ValueError: fewer than 2 dimensions, an empty or non-floating tensor, NaN/Inf values, or a
+            layout that does not fit the shape.
 
     Example::
 

@@ -307,8 +307,12 @@ def test_command_line_selects_what_the_quickstart_trains(tmp_path, capsys):
     opt = kappatune.KappaTuneOptimizer(model, torch.optim.AdamW, top_fraction=0.1, max_dim=16384, lr=1e-3,
                                        cache=False)
     assert sorted(cli) == sorted(opt.selected) and len(cli) == 2  # ceil(0.1 × 14 linear layers)
-    table = kappatune.scan(model, cache=False, progress=False)      # every size: the embedding ranks first
+    fresh = make_tiny_llama(seed=1, layers=2, hidden=16, vocab=16400)  # nothing frozen yet
+    bare = kappatune.KappaTuneOptimizer(fresh, torch.optim.AdamW, top_fraction=0.1, lr=1e-3, cache=False)
+    assert sorted(bare.selected) == sorted(cli)                      # one default for both
+    table = kappatune.scan(model, cache=False, progress=False, max_dim=None)  # every size: the embedding ranks first
     assert table.names[0] in ("model.embed_tokens.weight", "lm_head.weight")
+    assert "model.embed_tokens.weight" not in kappatune.scan(model, cache=False, progress=False)
 
 
 # -- the code blocks marked runnable run ----------------------------------------------------------
