@@ -188,6 +188,125 @@ def test_plots_are_written(study, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# task 2 in sequence
+def _task2_args(inputs, out, *extra, task2=None):
+    return _args(inputs, out, "--task2", str(task2 or inputs / "task2.txt"), "--task2-steps", "4",
+                 "--task2-arms", "kappa_low", "full", *extra)
+
+
+@pytest.fixture(scope="module")
+def task2_study(inputs, tmp_path_factory):
+    (inputs / "task2.txt").write_text("\n\n".join(_sentences(TASK_WORDS + CONTROL_WORDS, 400, 3)) + "\n",
+                                      encoding="utf-8")
+    out = tmp_path_factory.mktemp("study_task2") / "whole"
+    assert cli.main(_task2_args(inputs, out)) == 0
+    return out
+
+
+def test_task2_runs_after_task1_without_changing_it(task2_study, study):
+    man = json.loads((task2_study / "study.json").read_text())
+    cfg = sc.StudyConfig.from_dict(man["study"])
+    assert cfg.task2_steps == 4 and cfg.task2_arms == ("kappa_low", "full") and cfg.task2_eval_at == (0, 2, 4)
+    assert set(man["fingerprints"]["corpora"]) == {"task", "control", "task2"}
+    plain = json.loads((study / "study.json").read_text())
+    assert not any(k.startswith("task2") for k in plain["study"]) and "task2" not in plain["fingerprints"]["corpora"]
+    assert cfg.settings_fingerprint() != plain["settings_fingerprint"]            # task 2 is a run setting
+    base = json.loads((task2_study / "base.json").read_text())
+    plain_base = json.loads((study / "base.json").read_text())
+    assert len(base["task2_curve_pw"]) == 8 and len(base["task2_final_pw"]) == 8
+    same = [k for k in plain_base if not k.endswith(("fingerprint", "wall_s"))]
+    assert same and all(base[k] == plain_base[k] for k in same)
+    runs = sorted((task2_study / "runs").glob("*.json"))
+    assert len(runs) == 8
+    for p in runs:
+        r = json.loads(p.read_text())
+        twin = json.loads((study / "runs" / p.name).read_text())
+        # task 1 is the run of the study without task 2, to the bit: same batches, same windows, same blend
+        for k in ("curve", "final", "train_losses", "blend", "trainable_params"):
+            assert r[k] == twin[k], (p.name, k)
+        if r["arm"] == "random_kind":
+            assert "task2" not in r
+            continue
+        t2 = r["task2"]
+        assert t2["steps"] == t2["steps_planned"] == 4 and len(t2["train_losses"]) == 4 and not t2["diverged"]
+        assert [c["step"] for c in t2["curve"]] == [0, 2, 4]
+        for k in ("task_curve_pw", "control_curve_pw"):        # task 2 starts where task 1 ended
+            assert t2["curve"][0][k] == r["curve"][-1][k]
+        assert all(len(c["task2_curve_pw"]) == 8 for c in t2["curve"])
+        assert set(t2["final"]) >= {"task_final_loss", "control_final_loss", "task2_final_loss", "task2_final_pw"}
+        assert t2["curve"][-1]["task2_curve_loss"] < t2["curve"][0]["task2_curve_loss"]     # it learned task 2
+        assert t2["train_losses"] != r["train_losses"][:4]
+    s = _strict(task2_study / "summary.json")
+    assert set(s["task2"]["arms"]) == {"kappa_low", "full"} and s["task2"]["steps"] == 4
+    for arm, lr in (("kappa_low", "0.01"), ("kappa_low", "0.03"), ("full", "0.003")):
+        point = s["task2"]["arms"][arm][f"lr {lr}"]
+        for seed in ("0", "1"):
+            r = json.loads((task2_study / "runs" / f"{arm}_s{seed}_lr{lr}.json").read_text())
+            a1, a2 = r["final"], r["task2"]["final"]
+            m = point["per_seed"][seed]
+            assert m["task1_forgetting"] == pytest.approx(a2["task_final_loss"] - a1["task_final_loss"], abs=1e-12)
+            gain = base["task_final_loss"] - a1["task_final_loss"]
+            assert m["task1_gain_lost"] == (pytest.approx(m["task1_forgetting"] / gain) if gain > 0 else None)
+            assert m["dcontrol_after_task2"] == pytest.approx(a2["control_final_loss"] - base["control_final_loss"])
+            assert m["dtask2_after_task2"] == pytest.approx(a2["task2_final_loss"] - base["task2_final_loss"])
+        xs = [point["per_seed"][x]["task1_forgetting"] for x in ("0", "1")]
+        assert point["mean"]["task1_forgetting"] == pytest.approx(sum(xs) / 2)
+        lo, hi = point["t_ci95"]["task1_forgetting"]
+        assert lo < point["mean"]["task1_forgetting"] < hi
+    md = (task2_study / "results.md").read_text()
+    assert "## Task 2 in sequence: 4 more steps on task2.txt" in md and "| kappa_low | lr 0.01 |" in md
+    # the same numbers with the comparisons of task 1 untouched
+    assert _numbers(s)["comparisons"] == _numbers(_strict(study / "summary.json"))["comparisons"]
+
+
+def test_task2_is_fingerprinted_and_resumes(task2_study, inputs, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(task2_study, out)
+    task2 = tmp_path / "task2.txt"
+    shutil.copy(inputs / "task2.txt", task2)
+    before = _listing(out)
+    rc, log, _ = _run(_task2_args(inputs, out, task2=task2), capsys)         # the same data elsewhere: resumes
+    assert rc == 0 and "(resuming)" in log and " done: " not in log
+    task2.write_text(task2.read_text().replace("t1 ", "c2 ", 5))
+    after = _listing(out)
+    rc, _, err = _run(_task2_args(inputs, out, task2=task2), capsys)
+    assert rc == 2 and "task2 corpus" in err and "differs" in err and err.count("\n") == 1
+    assert _listing(out) == after
+    (out / "runs" / "full_s1_lr0.003.json").unlink()                         # a missing run is redone, task 2 too
+    rc, log, _ = _run(_task2_args(inputs, out), capsys)
+    assert rc == 0 and log.count(" done: ") == 1 and "after task 2: task-1 forgetting" in log
+    assert _numbers(_strict(out / "summary.json")) == _numbers(_strict(task2_study / "summary.json"))
+    assert set(before) <= set(_listing(out))
+
+
+@pytest.mark.parametrize("case", ["missing", "safetensors", "jsonl"])
+def test_bad_task2_corpus_is_named(inputs, tmp_path, capsys, case):
+    p = tmp_path / {"missing": "nope.txt", "safetensors": "w.safetensors", "jsonl": "t.jsonl"}[case]
+    if case == "safetensors":
+        p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    elif case == "jsonl":
+        p.write_text('{"text": "a"}\n{"text": oops}\n')
+    out = tmp_path / "out"
+    err = _bad(tmp_path, capsys, _task2_args(inputs, out, task2=p))
+    assert f"--task2 {p}" in err and {"missing": "no such file", "safetensors": "binary",
+                                      "jsonl": "line 2: not JSON"}[case] in err
+    assert not out.exists()
+    assert "--task2-arms" in _bad(tmp_path, capsys, _args(inputs, out, "--task2-arms", "kappa_low"))
+    err = _bad(tmp_path, capsys, _args(inputs, out, "--task2", str(inputs / "task.jsonl"), "--task2-arms", "lora"))
+    assert "--task2-arms lora: not one of the arms" in err
+
+
+def test_a_study_without_task2_is_written_and_fingerprinted_as_before():
+    """v3's pre-registered study file (written before task 2 existed) reads back to the same dict and the
+    settings fingerprint its runs carry: a study without task 2 is unchanged."""
+    f = Path(__file__).resolve().parent.parent / "benchmarks/results/forgetting_v3/preregistered_study.json"
+    cfg = sc.load_study(f)
+    assert cfg.to_dict() == json.loads(f.read_text()) and not cfg.task2
+    assert cfg.settings_fingerprint() == "945f1358ece7"
+    assert set(cfg.run_settings()) == set(sc.StudyConfig.RUN_KEYS)
+
+
+# ----------------------------------------------------------------------------------------------
 # the results folder
 def test_unusable_run_files_are_reported_set_aside_and_redone(study, inputs, tmp_path, capsys):
     out = tmp_path / "corrupt"
@@ -594,6 +713,11 @@ def test_arm_selections_follow_their_rules():
             of_kind = sorted((n for n in table.names if module_kind(n) == k), key=lambda n: kappa[n])
             assert sorted(n for n in a["kappa_low_kind"]["names"] if module_kind(n) == k) == sorted(of_kind[:c])
         assert a["names-x"]["names"] == [table.names[-1]]
+        # κ-high of κ-low's kinds: in each of κ-low's kinds, as many tensors as κ-low took, the highest κ
+        assert kinds_of(a["kappa_high_kind"]["names"]) == kinds_of(ref)
+        for k, c in kinds_of(ref).items():
+            of_kind = sorted((n for n in table.names if module_kind(n) == k), key=lambda n: kappa[n])
+            assert sorted(n for n in a["kappa_high_kind"]["names"] if module_kind(n) == k) == sorted(of_kind[-c:])
     assert sel["arms"]["0"]["random"]["names"] != sel["arms"]["1"]["random"]["names"]
     assert sel["arms"]["0"]["random_kind"]["names"] != sel["arms"]["1"]["random_kind"]["names"]
 
@@ -737,3 +861,44 @@ def test_a_comparison_whose_bootstrap_drops_replicates_is_not_evaluable():
     assert r["decision"] == 1 and r["valid"] < report.MIN_VALID
     assert r["verdict"] == 0 and r["not_evaluable"]
     assert "not evaluable" in report._verdict_text(r, evidence=True)
+
+
+def test_spectrums_snr_on_known_spectra():
+    """Spectrum's SNR (the ``spectrum`` arm's score) on singular values worked out by hand."""
+    import torch
+
+    from kappatune.kappa import mp_threshold, snr_from_singular_values, snr_of
+
+    # σ = [10, 1, 1, 1, 1] on a 5×20 matrix: IQR of the values = 0 → threshold 0 → every σ is "signal",
+    # the noise sum falls back to 1 (as Spectrum does): SNR = 14 / 1 / 10
+    assert snr_from_singular_values([10, 1, 1, 1, 1], (5, 20)) == pytest.approx(1.4)
+    s = np.array([8.0, 4.0, 2.0, 1.5, 1.0, 0.5, 0.25, 0.1])
+    q75, q25 = np.quantile(s, [0.75, 0.25])
+    tau = (q75 - q25) / 1.349 * (1 + math.sqrt(8 / 32))
+    want = s[s > tau].sum() / s[s <= tau].sum() / 8.0
+    assert snr_from_singular_values(s, (32, 8)) == pytest.approx(want)
+    assert mp_threshold(1.0, (8, 32)) == pytest.approx(1.5)
+    # a real matrix with exactly these singular values gives the same SNR through the SVD, either way round
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(32, 8, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    Wm = U @ torch.diag(torch.tensor(s)) @ V.T
+    assert snr_of(Wm).snr == pytest.approx(want, rel=1e-9) and snr_of(Wm.T).snr == pytest.approx(want, rel=1e-9)
+
+
+def test_read_corpus_formats(tmp_path):
+    from kappatune.study.data import read_corpus, stdlib_py_files
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
+    (tmp_path / "b.json").write_text(json.dumps({"y": {"extract": "second"}, "x": {"extract": "first"}}))
+    (tmp_path / "c.txt").write_text("para one\nstill one\n\n\npara two\n")
+    (tmp_path / "d.py").write_text("def f():\n\n    return 1\n")
+    c = read_corpus([tmp_path / "a.jsonl"], "task")
+    assert c.docs == ["one", "two"] and c.sep == "\n"
+    assert read_corpus([tmp_path / "b.json"], "control").docs == ["first", "second"]
+    t = read_corpus([tmp_path / "c.txt"], "control")
+    assert t.docs == ["para one\nstill one", "para two"] and t.sep == "\n\n"
+    assert read_corpus([tmp_path / "d.py"], "task2").docs == ["def f():\n\n    return 1\n"]      # one file, one doc
+    assert t.fingerprint() != read_corpus([tmp_path / "c.txt", tmp_path / "d.py"], "control").fingerprint()
+    files = stdlib_py_files()
+    assert files and not any({"test", "tests", "site-packages"} & set(f.parts) for f in files)

@@ -220,3 +220,69 @@ def test_the_paired_bootstrap_drops_replicates_with_a_missing_seed_and_keeps_its
     assert 0 < lo_se < r["se"] and 0 < hi_se < r["se"]
     level = st.resampled_level(W, np.arange(40.0), 3.0)
     assert level[0] == 3.0 and np.allclose(level - 3.0, W @ np.arange(40.0) - 19.5)
+
+
+def test_crossing_interpolates_and_the_batch_version_matches():
+    assert st.crossing([4.0, 3.6, 3.2], [3.0, 3.1, 3.5], 3.4, [0, 20, 40]) == pytest.approx((3.3, 30.0))
+    assert st.crossing([4.0, 3.6], [3.0, 3.1], 3.4) is None
+    assert st.crossing([3.0, 2.0], [1.0, 5.0], 3.5) == (1.0, 0.0)
+    rng = np.random.default_rng(0)
+    T = np.cumsum(-rng.random((50, 7)), axis=1) + 4
+    C = rng.random((50, 7))
+    got = st.crossing_batch(T, C, 2.5)
+    for b in range(50):
+        x = st.crossing(list(T[b]), list(C[b]), 2.5)
+        assert (np.isnan(got[b]) and x is None) or got[b] == pytest.approx(x[0])
+    # one level per curve: the first row's level is out of reach
+    lv = np.full(5, 3.0)
+    lv[0] = 10.0
+    T = np.tile(np.linspace(4, 2, 5), (5, 1))
+    assert st.crossing_batch(T, T, lv)[0] == 4.0 and np.allclose(st.crossing_batch(T, T, lv)[1:], 3.0)
+
+
+def test_the_paired_bootstrap_holds_a_known_difference_and_needs_paired_seeds():
+    """Per-window control increases: arm = ref + 0.05 + noise (paired windows); the CI holds 0.05 and
+    excludes 0; a null arm's CI holds 0; one seed gives a mean but no interval; a seed whose run never
+    reaches the level in any replicate is left out of the pairs."""
+    rng = np.random.default_rng(1)
+    n, B = 64, 1000
+    W = st.window_weights(n, B, rng)
+    ref, arm, null = {}, {}, {}
+    for s in range(3):
+        base = rng.normal(0.2, 0.1, n) + rng.normal(0, 0.02)
+        ref[s] = W @ base
+        arm[s] = W @ (base + 0.05 + rng.normal(0, 0.02, n) + rng.normal(0, 0.005))
+        null[s] = W @ (base + rng.normal(0, 0.02, n))
+    r = st.paired_bootstrap(arm, ref, B, np.random.default_rng(2))
+    lo, hi = r["ci95"]
+    assert lo < 0.05 < hi and lo > 0 and r["p"] <= 2 / B
+    assert r["mean_diff"] == pytest.approx(np.mean(r["diffs"]))
+    assert r["t_ci95"][0] < r["mean_diff"] < r["t_ci95"][1]
+    z = st.paired_bootstrap(null, ref, B, np.random.default_rng(2))
+    assert z["ci95"][0] < 0 < z["ci95"][1] or abs(z["mean_diff"]) < 0.01
+    one = st.paired_bootstrap({0: arm[0]}, ref, B, np.random.default_rng(2))
+    assert one["ci95"] is None and one["mean_diff"] is not None                      # too few seeds
+    nr = dict(arm)
+    nr[1] = np.full(B + 1, np.nan)                                                     # never reached
+    assert st.paired_bootstrap(nr, ref, B, np.random.default_rng(2))["seeds"] == [0, 2]
+
+
+def test_a_comparison_does_not_move_when_other_arms_land():
+    B, g = 400, np.random.default_rng(3)
+    vals = {a: {s: g.normal(0.1 * i, 0.05, size=B + 1) for s in range(3)}
+            for i, a in enumerate(["kappa_low", "random_kind", "lora", "full"])}
+    fam = ["random_kind", "lora", "full"]
+    alone = st.compare_to_reference({a: vals[a] for a in ("kappa_low", "lora")}, "kappa_low", B, 12345, "primary",
+                                    fam)
+    every = st.compare_to_reference(vals, "kappa_low", B, 12345, "primary", fam)
+    for key in ("mean_diff", "ci95", "p", "se"):
+        assert alone["lora"][key] == every["lora"][key]
+    other = st.compare_to_reference(vals, "kappa_low", B, 12345, "last", fam)     # another endpoint: other draws
+    assert other["lora"]["ci95"] != every["lora"]["ci95"]
+
+
+def test_tabulated_t_quantile_mde_and_normal_quantile():
+    assert st.t_quantile_975(11) == pytest.approx(2.228)   # an untabulated df takes the wider neighbour
+    assert st.mde(0.01) == pytest.approx(0.028, abs=2e-4)
+    assert st.z_for_alpha(0.05) == pytest.approx(1.95996, abs=1e-4)
+    assert st.t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))

@@ -4,6 +4,7 @@ The ``kappatune study`` command (guide: "Measure forgetting on your model") is b
 :mod:`~kappatune.study.config` (the study file), :mod:`~kappatune.study.data` (corpora),
 :mod:`~kappatune.study.folder` (the results folder), :mod:`~kappatune.study.arms`,
 :mod:`~kappatune.study.plan`, :mod:`~kappatune.study.run`, :mod:`~kappatune.study.frontier`,
-:mod:`~kappatune.study.stats`, :mod:`~kappatune.study.report` and :mod:`~kappatune.study.command`.
-Nothing is imported here.
+:mod:`~kappatune.study.stats`, :mod:`~kappatune.study.report` and :mod:`~kappatune.study.command`;
+:mod:`~kappatune.study.v2` reads the forgetting study v2's record and writes its report. Nothing is
+imported here.
 """

@@ -11,6 +11,8 @@ an arm follows the same rules as a user's selection:
 * ``random``: a seeded random order of the tensors, filled to the reference count the same way.
 * ``random_kind``: per module kind, a seeded random draw of as many tensors as ``kappa_low`` took of
   that kind (the control that separates κ from kind); a fresh draw per seed.
+* ``kappa_high_kind``: per module kind, the highest-κ tensors in ``kappa_low``'s counts (κ-low's
+  composition at the other end of the κ ranking).
 * ``kappa_low_kind``: ``table.select(**budget, group_by="kind")``, the budget's policy within each kind.
 * ``spectrum``: Spectrum's rule (Hartford et al. 2024) at κ-low's parameter count: on the SNR table of
   the same tensors (``kappatune.scan(model, score="snr")``, highest SNR first),
@@ -139,12 +141,12 @@ def _spectrum(table: Any, budget: Mapping[str, Any], seed: int, ref: Sequence[st
 SELECTORS: Dict[str, Callable[[Any, Mapping[str, Any], int, Sequence[str], Mapping[str, Any]],
                               Tuple[List[str], str]]] = {
     "kappa_low": _kappa_low, "kappa_high": _kappa_high, "random": _random, "random_kind": _random_kind,
-    "kappa_low_kind": _kappa_low_kind, "spectrum": _spectrum}
+    "kappa_high_kind": _kappa_high_kind, "kappa_low_kind": _kappa_low_kind, "spectrum": _spectrum}
 """``kind → f(table, budget, seed, κ-low's names, scores) → (names, rule)`` of the selective arms;
 ``scores`` maps a score name to the table of that score over the same tensors (:data:`SCORE_OF`)."""
 
 SCORE_OF: Dict[str, str] = {"spectrum": "snr"}
-"""``kind → score`` of the arms that rank by another score than κ (:data:`kappatune.selection.SCORES`)."""
+"""``kind → score`` of the arms that rank by another score than κ (:data:`kappatune.table.SCORES`)."""
 
 
 def _fmt(budget: Mapping[str, Any]) -> str:
@@ -158,10 +160,10 @@ def score_table(model: Any, table: Any, score: str, cache: Any = False) -> Any:
     Args:
         model (torch.nn.Module): the base model.
         table (KappaTable): its κ table (which tensors; the study's filters are already applied).
-        score (str): a score of :data:`kappatune.selection.SCORES`.
+        score (str): a score of :data:`kappatune.table.SCORES`.
         cache (bool, path or KappaCache, optional): as :func:`kappatune.scan`. Default: ``False``.
     """
-    from ..scan import model_refs, scan_refs
+    from ..pipeline import model_refs, scan_refs
 
     want = set(table.names)
     refs = [r for r in model_refs(model) if r.name in want]

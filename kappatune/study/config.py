@@ -19,6 +19,7 @@ run with ``kappatune study --study FILE``.
 Arms (:class:`Arm`) are written ``KIND[+OPTION]...``: ``kappa_low`` (the library's selection at the
 budget), ``kappa_high`` (highest κ, κ-low's parameter count), ``random`` (random tensors, κ-low's
 parameter count), ``random_kind`` (random tensors of κ-low's module kinds, in its counts),
+``kappa_high_kind`` (the highest-κ tensors of κ-low's module kinds, in its counts),
 ``kappa_low_kind`` (the budget's policy applied within each module kind), ``spectrum`` (Spectrum's
 SNR, highest first within each module kind, κ-low's parameter count), ``names=FILE`` (the
 parameter names in ``FILE``, one per line), ``lora`` (PEFT LoRA at κ-low's parameter count) and
@@ -28,6 +29,13 @@ parameter names in ``FILE``, one per line), ``lora`` (PEFT LoRA at κ-low's para
 
 Evaluation grids (:func:`parse_eval_at`) are written ``0,5,10,15,20,30,40,+20``: the listed steps,
 then every 20 steps, and always the last step.
+
+**Task 2** (optional): with ``task2_steps > 0``, every run of the arms in ``task2_arms``, after its
+``steps`` on the task and its last evaluation, trains ``task2_steps`` more steps on a second task
+corpus (the same tensors, adapter or parameters, AdamW's moments reset) and is evaluated on the task,
+the control and task 2 (:attr:`StudyConfig.task2_eval_at`, counted from task 2's start). The task-2
+settings join the run settings and the study file only when task 2 is on, so a study without it is
+written, fingerprinted and resumed exactly as before task 2 existed.
 """
 
 from __future__ import annotations
@@ -49,10 +57,11 @@ __all__ = ["StudyConfig", "Arm", "StudyConfigError", "ARM_KINDS", "SELECTIVE_KIN
 FORMAT = "kappatune-study"
 VERSION = 1
 
-ARM_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind", "spectrum", "names", "lora",
-             "full")
+ARM_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_high_kind", "kappa_low_kind", "spectrum",
+             "names", "lora", "full")
 """Every kind of arm (see the module docstring)."""
-SELECTIVE_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_low_kind", "spectrum", "names")
+SELECTIVE_KINDS = ("kappa_low", "kappa_high", "random", "random_kind", "kappa_high_kind", "kappa_low_kind", "spectrum",
+                   "names")
 """Arms that train whole tensors chosen from the κ table."""
 DEFAULT_LRS: Dict[str, Tuple[float, ...]] = {"selective": (2.5e-4, 5e-4, 1e-3), "lora": (2.5e-4, 5e-4, 1e-3),
                                              "full": (3e-6, 1e-5, 3e-5)}
@@ -350,8 +359,9 @@ class StudyConfig:
         preregistration (str, optional): path or link of the pre-registration the study follows; the
             report links it only when set. Default: ``None``.
         model (str): the model as given (``smollm2``, a folder or a ``.gguf`` file). Default: ``"smollm2"``.
-        corpora (dict): ``{role: {"files": [...], "description": str}}`` for ``task``, ``control``.
-            Default: empty (the offline defaults).
+        corpora (dict): ``{role: {"files": [...], "description": str}}`` for ``task``, ``control``
+            and, with task 2, ``task2`` (``files`` ``None``: the offline default). Default: empty (the
+            offline defaults).
         text_field (str): the JSON/JSONL field with the text. Default: ``"text"``.
         budget (dict): the selection policy of ``kappa_low`` (``{"top_fraction": 0.1}``, the
             quickstart's). Default: ``{"top_fraction": 0.1}``.
@@ -368,6 +378,12 @@ class StudyConfig:
             ``eval_spec`` and ``steps``.
         curve_windows (int): held-out windows per corpus evaluated at every ``eval_at`` step. Default: ``64``.
         final_windows (int): other held-out windows per corpus, evaluated after the last step. Default: ``128``.
+        task2_steps (int): steps on the second task after the first, for the runs of ``task2_arms``
+            (0: no task 2). Default: ``0``.
+        task2_arms (tuple of str): the arms whose runs go on to task 2. Default: every arm (when
+            ``task2_steps > 0``).
+        task2_eval_at (tuple of int): the evaluation steps of task 2, counted from its start.
+            Default: ``eval_spec`` applied to ``task2_steps``.
         eval_batch (int): windows per evaluation forward pass. Default: ``16``.
         held_out (float): fraction of documents held out. Default: ``0.1``.
         data_seed (int): seed of the document split and window choice. Default: ``0``.
@@ -416,6 +432,9 @@ class StudyConfig:
     eval_at: Tuple[int, ...] = ()
     curve_windows: int = 64
     final_windows: int = 128
+    task2_steps: int = 0
+    task2_arms: Tuple[str, ...] = ()
+    task2_eval_at: Tuple[int, ...] = ()
     eval_batch: int = 16
     held_out: float = 0.1
     data_seed: int = 0
@@ -440,6 +459,8 @@ class StudyConfig:
     RUN_KEYS = ("budget", "arms", "blend_arms", "alphas", "seeds", "steps", "batch", "seq_len", "eval_at",
                 "curve_windows", "final_windows", "eval_batch", "held_out", "data_seed", "weight_decay", "grad_clip",
                 "schedule", "precision", "lora_alpha_over_r", "max_dim", "exclude", "text_field")
+    TASK2_KEYS = ("task2_steps", "task2_arms", "task2_eval_at")
+    """Run settings of task 2: in the study file and the fingerprint only when ``task2_steps > 0``."""
     ANALYSIS_KEYS = ("levels", "area", "reference", "comparisons", "family", "alpha", "verdict_on", "bootstrap_seed",
                      "bootstrap_start", "bootstrap_max")
 
@@ -452,6 +473,11 @@ class StudyConfig:
         if not c.eval_at:
             c.eval_at = parse_eval_at(c.eval_spec, c.steps)
         names = [a.name for a in c.arms]
+        if isinstance(c.task2_steps, int) and c.task2_steps > 0:
+            if not c.task2_arms:
+                c.task2_arms = tuple(names)
+            if not c.task2_eval_at:
+                c.task2_eval_at = parse_eval_at(c.eval_spec, c.task2_steps)
         if c.reference is None and names:
             c.reference = "kappa_low" if "kappa_low" in names else names[0]
         if not c.comparisons and names:
@@ -477,6 +503,11 @@ class StudyConfig:
         :data:`EVIDENCE_MIN_STEPS` steps, and not the quick preset); otherwise a smoke test."""
         return (self.preset != "quick" and len(self.seeds) >= EVIDENCE_MIN_SEEDS
                 and self.steps >= EVIDENCE_MIN_STEPS)
+
+    @property
+    def task2(self) -> bool:
+        """Whether the runs go on to a second task (``task2_steps > 0``)."""
+        return self.task2_steps > 0
 
     def endpoints(self) -> List[str]:
         """Every endpoint the report computes: ``level:X`` for each level and ``area``."""
@@ -506,6 +537,18 @@ class StudyConfig:
                 raise StudyConfigError(f"{what}: {v!r} must be a whole number >= {low}")
         if not self.seeds:
             raise StudyConfigError("--seeds: give at least one seed")
+        if isinstance(self.task2_steps, bool) or not isinstance(self.task2_steps, int) or self.task2_steps < 0:
+            raise StudyConfigError(f"--task2-steps: {self.task2_steps!r} must be a whole number >= 0")
+        if self.task2_steps:
+            for a in self.task2_arms:
+                if a not in names:
+                    raise StudyConfigError(f"--task2-arms {a}: not one of the arms ({', '.join(names)})")
+            t2 = list(self.task2_eval_at)
+            if t2 != sorted(set(t2)) or not t2 or t2[0] != 0 or t2[-1] != self.task2_steps:
+                raise StudyConfigError(f"task2_eval_at {t2}: must rise from 0 to the last step of task 2 "
+                                       f"({self.task2_steps})")
+        elif self.task2_arms or self.task2_eval_at:
+            raise StudyConfigError("--task2-arms: task 2 is off (give --task2 FILE or --task2-steps N)")
         if not 0 < self.held_out < 1:
             raise StudyConfigError(f"held_out: {self.held_out} must lie in (0, 1)")
         if self.schedule not in ("constant", "cosine"):
@@ -546,6 +589,8 @@ class StudyConfig:
         """The study file's content (JSON-ready)."""
         d: Dict[str, Any] = {"format": FORMAT, "version": VERSION}
         for f in dataclasses.fields(self):
+            if f.name in self.TASK2_KEYS and not self.task2_steps:
+                continue                                   # a study without task 2 is written as before it existed
             v = getattr(self, f.name)
             if f.name == "arms":
                 v = [a.to_dict() for a in v]
@@ -577,11 +622,11 @@ class StudyConfig:
                     v = tuple(Arm.from_dict(a) for a in v)
                 elif f.name == "comparisons":
                     v = tuple((str(a), str(b)) for a, b in v)
-                elif f.name in ("seeds", "eval_at"):
+                elif f.name in ("seeds", "eval_at", "task2_eval_at"):
                     v = tuple(int(x) for x in v)
                 elif f.name in ("alphas", "levels", "area"):
                     v = tuple(float(x) for x in v)
-                elif f.name in ("blend_arms", "family"):
+                elif f.name in ("blend_arms", "family", "task2_arms"):
                     v = tuple(str(x) for x in v)
                 kw[f.name] = v
             cfg = cls(**kw)
@@ -597,7 +642,7 @@ class StudyConfig:
     def run_settings(self) -> Dict[str, Any]:
         """The settings that change what a run computes (fingerprinted)."""
         d = self.to_dict()
-        return {k: d[k] for k in self.RUN_KEYS}
+        return {k: d[k] for k in self.RUN_KEYS + (self.TASK2_KEYS if self.task2_steps else ())}
 
     def analysis_rules(self) -> Dict[str, Any]:
         """The declared analysis: levels, area, comparisons, family, verdict rule."""

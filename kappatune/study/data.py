@@ -9,7 +9,8 @@ the line at fault.
 
 :func:`build_data` turns the corpora into token windows: the task's training pool and, for the task
 and the control, fixed held-out *curve* windows (evaluated at every step of the evaluation grid) and
-*final* windows (after the last step), disjoint, the same for every run. torch is imported only there.
+*final* windows (after the last step), disjoint, the same for every run; with a second task
+(``task2``), its training pool and its curve and final windows too. torch is imported only there.
 """
 
 from __future__ import annotations
@@ -294,39 +295,53 @@ class StudyData:
 
     Args:
         task_pool (torch.Tensor): ``(N, seq_len)`` training windows of the task.
-        evals (dict): ``task_curve``, ``task_final``, ``control_curve``, ``control_final`` windows.
+        evals (dict): ``task_curve``, ``task_final``, ``control_curve``, ``control_final`` windows (and
+            ``task2_curve``, ``task2_final`` with a second task).
         info (dict): sizes and sources, for the report.
+        task2_pool (torch.Tensor, optional): ``(N, seq_len)`` training windows of the second task.
+            Default: ``None`` (no second task).
     """
 
     task_pool: Any
     evals: Dict[str, Any]
     info: Dict[str, Any] = field(default_factory=dict)
+    task2_pool: Any = None
 
     def fingerprint(self) -> str:
         """12 hex digits of SHA-256 over every window (what the runs see)."""
         import torch
 
         h = hashlib.sha256()
-        for k, t in [("task_pool", self.task_pool)] + sorted(self.evals.items()):
+        pools = [("task_pool", self.task_pool)] + ([] if self.task2_pool is None else [("task2_pool", self.task2_pool)])
+        for k, t in pools + sorted(self.evals.items()):
             h.update(k.encode() + str(tuple(t.shape)).encode())
             h.update(t.to(torch.int64).contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
 
-    def batches(self, seed: int, steps: int, batch: int) -> Any:
+    def batches(self, seed: int, steps: int, batch: int, pool: str = "task") -> Any:
         """The training windows of one seed, in order: a seeded permutation of the pool (a longer run
         of a seed starts with the batches of a shorter one; every arm sees the same ones).
+
+        Args:
+            seed (int): the run's seed.
+            steps (int): training steps.
+            batch (int): windows per step.
+            pool (str, optional): ``"task"`` or ``"task2"``. Default: ``"task"``.
 
         Raises:
             CorpusError: the pool holds fewer than ``steps × batch`` windows.
         """
         import torch
 
+        p = self.task_pool if pool == "task" else self.task2_pool
         need = steps * batch
-        if len(self.task_pool) < need:
-            raise CorpusError(f"--task: the training pool holds {len(self.task_pool)} windows, {need} needed "
-                              f"({steps} steps × {batch}); give a larger task corpus or fewer --steps")
-        g = torch.Generator().manual_seed(7919 * (seed + 1))
-        return self.task_pool[torch.randperm(len(self.task_pool), generator=g)[:need]]
+        have = 0 if p is None else len(p)
+        if have < need:
+            flag, steps_flag = ("task", "steps") if pool == "task" else ("task2", "task2-steps")
+            raise CorpusError(f"--{flag}: the training pool holds {have} windows, {need} needed ({steps} steps × "
+                              f"{batch}); give a larger {flag} corpus or fewer --{steps_flag}")
+        g = torch.Generator().manual_seed(7919 * (seed + 1) + (0 if pool == "task" else 1))
+        return p[torch.randperm(len(p), generator=g)[:need]]
 
 
 def _eval_split(held: Any, curve: int, final: int, seed: int, role: str) -> Tuple[Any, Any]:
@@ -343,13 +358,16 @@ def _eval_split(held: Any, curve: int, final: int, seed: int, role: str) -> Tupl
 
 def build_data(tokenizer: Any, corpora: Mapping[str, Corpus], cfg: Any,
                log: Callable[[str], None] = lambda s: None) -> StudyData:
-    """Token windows of the task (training pool + held-out) and the control (held-out only).
+    """Token windows of the task (training pool + held-out), the control (held-out only) and, when
+    ``corpora`` has one and ``cfg.task2_steps > 0``, the second task (training pool + held-out; its
+    training documents shuffled with the data seed first, so that a capped pool samples the whole
+    corpus, not its first files).
 
     Args:
         tokenizer: a Hugging Face tokenizer (called with ``add_special_tokens=False``).
-        corpora (mapping of str to Corpus): ``task`` and ``control``.
+        corpora (mapping of str to Corpus): ``task``, ``control`` and optionally ``task2``.
         cfg (StudyConfig): ``seq_len``, ``batch``, ``steps``, ``curve_windows``, ``final_windows``,
-            ``held_out``, ``data_seed``.
+            ``held_out``, ``data_seed``, ``task2_steps``.
         log (callable, optional): receives one progress line. Default: nothing.
 
     Raises:
@@ -375,6 +393,17 @@ def build_data(tokenizer: Any, corpora: Mapping[str, Corpus], cfg: Any,
         "control")
     info["control"] = {"description": c.description, "docs": len(c.docs)}
     data = StudyData(pool, evals, info)
+    steps2 = getattr(cfg, "task2_steps", 0)
+    if steps2 and "task2" in corpora:
+        c = corpora["task2"]
+        tr, he = split_docs(c.docs, cfg.held_out, s)
+        random.Random(s).shuffle(tr)
+        data.task2_pool = text_windows(tokenizer, tr, cfg.seq_len, c.sep, max(20 * steps2 * cfg.batch, 8000))
+        evals["task2_curve"], evals["task2_final"] = _eval_split(
+            text_windows(tokenizer, he, cfg.seq_len, c.sep, cap_held), cfg.curve_windows, cfg.final_windows, s + 3,
+            "task2")
+        info["task2"] = {"description": c.description, "docs": len(c.docs), "train_windows": len(data.task2_pool)}
+        data.batches(0, steps2, cfg.batch, pool="task2")
     data.batches(0, cfg.steps, cfg.batch)            # a pool too small fails here, before any run
     log(f"token windows in {time.perf_counter() - t:.1f} s: task pool {len(pool)}, "
         + ", ".join(f"{k} {len(v)}" for k, v in evals.items()))

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from .._files import write_atomic
+
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -65,7 +67,8 @@ class FolderError(ValueError):
 # files
 def atomic_write_json(path: Path, obj: Any, exclusive: bool = False, strict: bool = False) -> bool:
     """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same folder, then a
-    rename (or, with ``exclusive``, a hard link that fails when ``path`` exists).
+    rename (or, with ``exclusive``, a hard link that fails when ``path`` exists); kappatune's one
+    file writer (``kappatune._files.write_atomic``).
 
     Args:
         path (Path): the file.
@@ -76,49 +79,14 @@ def atomic_write_json(path: Path, obj: Any, exclusive: bool = False, strict: boo
     Returns:
         bool: ``False`` when ``exclusive`` and the file already existed (nothing written).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"), allow_nan=not strict)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)               # mkstemp makes 0600; results are ordinary files
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            return True
-        os.replace(tmp, path)
-        return True
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    data = json.dumps(obj, separators=(",", ":"), allow_nan=not strict).encode("utf-8")
+    return write_atomic(Path(path), data, exclusive=exclusive)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (readers,
     and other workers writing the same report, never see half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(Path(path), bytes(data))
 
 
 def read_json(path: Path) -> Any:

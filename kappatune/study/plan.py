@@ -13,7 +13,9 @@ run's cost is
            + 2 |\alpha| n_{\text{curve}}\big)\, c_{\text{eval}},
 
 with :math:`K` evaluation points and :math:`|\alpha|` blend factors (blended arms only), scaled
-linearly by the model's parameter count and the tokens per step for another model. Finished runs
+linearly by the model's parameter count and the tokens per step for another model; a run that goes
+on to a second task adds :math:`\text{steps}_2\, c_{\text{step}} + \big((3 K_2 - 2)\, n_{\text{curve}}
++ 3 n_{\text{final}}\big)\, c_{\text{eval}}` (:math:`K_2` evaluation points of task 2, three corpora). Finished runs
 in the folder replace the table by their measured costs (:func:`measured_costs`).
 
 | arm | training step (s) | evaluation per window (s) |
@@ -119,6 +121,10 @@ def run_cost_s(cfg: StudyConfig, arm: Arm, model_params: Optional[int] = None,
     """
     windows = (2 * (len(cfg.eval_at) - 1) * cfg.curve_windows + 2 * cfg.final_windows
                + (2 * len(cfg.alphas) * cfg.curve_windows if arm.name in cfg.blend_arms else 0))
+    steps = cfg.steps
+    if cfg.task2 and arm.name in cfg.task2_arms:
+        steps += cfg.task2_steps
+        windows += 3 * len(cfg.task2_eval_at) * cfg.curve_windows - 2 * cfg.curve_windows + 3 * cfg.final_windows
     if measured and arm.name in measured:
         step, ev, _ = measured[arm.name]
     else:
@@ -126,7 +132,7 @@ def run_cost_s(cfg: StudyConfig, arm: Arm, model_params: Optional[int] = None,
         f = cost_family(arm)
         step = STEP_CPU_S[f] * scale * cfg.batch * cfg.seq_len / 256
         ev = EVAL_CPU_S[f] * scale * cfg.seq_len / 64
-    return cfg.steps * step + windows * ev
+    return steps * step + windows * ev
 
 
 def format_duration(seconds: float) -> str:

@@ -18,6 +18,11 @@ range's width). Each declared comparison ``a − b`` is paired over seeds, with
   replicates raised until no verdict can flip by Monte-Carlo noise
   (:func:`kappatune.study.stats.stable_replicates`).
 
+With a second task (``task2_steps``), a section and ``summary.json``'s ``task2`` give, per arm and
+grid point, how far task 1 went, how much of it task 2 took back (and its share of task 1's gain),
+the control after each task and task 2's own loss change (:func:`task2_summary`; descriptive), and
+``task2.png`` the curves through both tasks.
+
 A study that cannot give evidence (the quick preset, fewer than 3 seeds or 100 steps;
 :attr:`~kappatune.study.config.StudyConfig.evidence_grade`) is stamped "smoke test, not evidence"
 at the top of its report, shows no verdicts and links no pre-registration; a pre-registration is
@@ -41,7 +46,8 @@ from .config import StudyConfig
 from .folder import ResultsFolder, atomic_write_bytes, atomic_write_json
 from .plan import RunSpec, plan
 
-__all__ = ["analyse", "summary", "write_report", "write_plots", "finite", "SMOKE_STAMP"]
+__all__ = ["analyse", "summary", "write_report", "write_plots", "finite", "SMOKE_STAMP", "TASK2_MEASURES",
+           "task2_measures", "task2_summary"]
 
 SMOKE_STAMP = "Smoke test, not evidence"
 """The first words of the report of a study that cannot give evidence."""
@@ -105,7 +111,6 @@ def _grid_label(spec: RunSpec) -> str:
 def _endpoint_values(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                      Wt: Optional[np.ndarray], Wc: Optional[np.ndarray]) -> Dict[str, Dict[str, Dict[int, Any]]]:
     """``{arm: {endpoint: {seed: (R,) values}}}`` plus ``_info`` per arm/seed (row 0 only)."""
-    R = 1 if Wt is None else Wt.shape[0]
     bt = (np.asarray([np.mean(base["task_curve_pw"])]) if Wt is None
           else Wt @ np.asarray(base["task_curve_pw"], dtype=np.float64))
     levels = fr.levels_for(bt, cfg.levels)                             # (R, nL)
@@ -310,10 +315,92 @@ def _compute(runs: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
             "devices": sorted({(r.get("timing") or {}).get("device", "?") for r in runs.values()})}
 
 
+# ----------------------------------------------------------------------------------------------
+# task 2
+TASK2_MEASURES = {
+    "dtask1_after_task1": "task-1 loss after task 1 − base (how far task 1 went; negative = learned)",
+    "task1_forgetting": "task-1 loss after task 2 − after task 1 (positive = task 1 forgotten)",
+    "task1_gain_lost": "task-1 forgetting / task 1's gain (base − after task 1): the share of the gain lost",
+    "dcontrol_after_task1": "control loss after task 1 − base",
+    "dcontrol_after_task2": "control loss after task 2 − base",
+    "dtask2_after_task2": "task-2 loss after task 2 − base",
+}
+"""The measures of task 2, per run, on the final windows (``summary.json``'s ``task2``)."""
+
+
+def task2_measures(run: Mapping[str, Any], base: Mapping[str, Any]) -> Optional[Dict[str, Optional[float]]]:
+    """:data:`TASK2_MEASURES` of one run (final windows; ``None`` when the run has no task 2)."""
+    t2 = run.get("task2")
+    if not t2:
+        return None
+    a1, a2 = run["final"], t2["final"]
+    gain = base["task_final_loss"] - a1["task_final_loss"]
+    forgetting = a2["task_final_loss"] - a1["task_final_loss"]
+    return {"dtask1_after_task1": -gain, "task1_forgetting": forgetting,
+            "task1_gain_lost": forgetting / gain if gain > 0 else None,
+            "dcontrol_after_task1": a1["control_final_loss"] - base["control_final_loss"],
+            "dcontrol_after_task2": a2["control_final_loss"] - base["control_final_loss"],
+            "dtask2_after_task2": a2["task2_final_loss"] - base["task2_final_loss"]}
+
+
+def task2_summary(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any]) -> Dict[str, Any]:
+    """Task 2 per arm and grid point: each measure per seed, its mean over seeds and paired-t 95 %
+    interval over seeds (descriptive: the arms' task-1 adaptation differs, so no verdict is drawn)."""
+    arms: Dict[str, Any] = {}
+    for a in cfg.arms:
+        if a.name not in cfg.task2_arms:
+            continue
+        points: Dict[str, Any] = {}
+        for lr, d in a.grid():
+            per: Dict[str, Any] = {}
+            for s in cfg.seeds:
+                r = runs.get(RunSpec(a.name, s, lr, d).run_id)
+                if r is not None:
+                    per[str(s)] = task2_measures(r, base)
+            mean: Dict[str, Any] = {}
+            ci: Dict[str, Any] = {}
+            for m in TASK2_MEASURES:
+                xs = [v[m] for v in per.values() if v is not None and v[m] is not None and math.isfinite(v[m])]
+                mean[m] = statistics.mean(xs) if xs else None
+                ci[m] = list(st.t_interval(xs)) if len(xs) >= 2 else None
+            points[_grid_label(RunSpec(a.name, 0, lr, d))] = {"lr": lr, "decay": d, "per_seed": per, "mean": mean,
+                                                               "t_ci95": ci}
+        arms[a.name] = points
+    return {"steps": cfg.task2_steps, "eval_at": list(cfg.task2_eval_at), "measures": dict(TASK2_MEASURES),
+            "arms": arms}
+
+
+def _task2_lines(cfg: StudyConfig, T: Mapping[str, Any], desc: str) -> List[str]:
+    heads = ("Δtask 1 after task 1", "task-1 forgetting", "share of task-1 gain lost", "Δcontrol after task 1",
+             "Δcontrol after task 2", "Δtask 2")
+    lines = [f"## Task 2 in sequence: {cfg.task2_steps} more steps on {desc}", "",
+             "After its last step on the task, each run of " + ", ".join(cfg.task2_arms) + " goes on training the "
+             "same tensors (adapter, parameters) on task 2, AdamW's moments reset, at the same grid point. On the "
+             "final windows: how far task 1 went (task-1 loss after task 1 − base), how much of it task 2 took "
+             "back (task-1 forgetting = after task 2 − after task 1, and its share of task 1's gain), the control "
+             "after each task, and task 2's own loss change. Mean over seeds [per seed]; descriptive: arms that "
+             "went unequally far on task 1 are not compared here (`—` = no task 2: the run is missing or "
+             "diverged on task 1).", "",
+             "| arm | grid point | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
+    for arm, points in T["arms"].items():
+        for label, p in points.items():
+            cells = []
+            for m in TASK2_MEASURES:
+                def fmt(x: Optional[float], pct: bool = m == "task1_gain_lost") -> str:
+                    return "—" if x is None else f"{100 * x:+.0f} %" if pct else f"{x:+.3f}"
+
+                per = ", ".join(fmt(None if v is None else v[m]) for v in p["per_seed"].values())
+                cells.append(fmt(p["mean"][m]) + (f" [{per}]" if per else ""))
+            lines.append(f"| {arm} | {label} | " + " | ".join(cells) + " |")
+    return lines + ["", "Paired-t 95 % intervals over seeds of every measure are in `summary.json` (`task2`)."]
+
+
 def summary(cfg: StudyConfig, A: Mapping[str, Any], base: Mapping[str, Any], runs: Mapping[str, Any],
             manifest: Mapping[str, Any], sel: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The content of ``summary.json`` (strict JSON: non-finite values are ``null``)."""
+    """The content of ``summary.json`` (strict JSON: non-finite values are ``null``); with a second
+    task, its measures under ``task2`` (:func:`task2_summary`)."""
     done, total, missing = _status(cfg, runs)
+    extra = {"task2": task2_summary(cfg, runs, base)} if cfg.task2 else {}
     return finite({
         "format": "kappatune-study-summary", "version": 1,
         "status": "evidence" if cfg.evidence_grade else "smoke test, not evidence",
@@ -323,7 +410,7 @@ def summary(cfg: StudyConfig, A: Mapping[str, Any], base: Mapping[str, Any], run
         "arms": A["arms"], "comparisons": A["comparisons"], "bootstrap": A["bootstrap"],
         "reference_params": None if sel is None else sel.get("reference_params"),
         "runs": {"finished": done, "planned": total, "missing": missing},
-        "compute": _compute(runs)})
+        "compute": _compute(runs), **extra})
 
 
 def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str, Any], command: str = "",
@@ -469,6 +556,9 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
     lines += ["## Last step of every run (final windows; descriptive)", "",
               "| arm | seed | grid point | steps | Δtask | Δcontrol |", "|---|---|---|---|---|---|"]
     lines += _last_step_rows(cfg, runs, base)
+    if cfg.task2:
+        lines += [""] + _task2_lines(cfg, task2_summary(cfg, runs, base),
+                                     (corp.get("task2") or {}).get("description") or "the second task")
     C = _compute(runs)
     lines += ["", "## Compute", "",
               f"{done} runs: {C['cpu_s'] / 3600:.2f} CPU-hours, {C['wall_s'] / 3600:.2f} h wall summed over runs "
@@ -516,8 +606,9 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
                 A: Mapping[str, Any]) -> List[Path]:
     """``frontier.png`` (per arm: every run's curve, each seed's envelope, the mean envelope over seeds
     where every seed reaches the level, with the band of the seeds' range) and ``levels.png`` (Δcontrol on the envelope at each level, t-intervals over seeds; in
-    its second panel, the steps the envelope's run needs to reach each level). matplotlib is imported
-    here."""
+    its second panel, the steps the envelope's run needs to reach each level); with a second task,
+    ``task2.png`` (the task-1, control and task-2 losses of every run through both tasks). matplotlib
+    is imported here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -624,5 +715,41 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
     _save(fig, p)
     plt.close(fig)
     made.append(p)
+    if cfg.task2 and any(r.get("task2") for r in runs.values()):
+        made.append(_plot_task2(out, cfg, runs, base, plt, colors))
     return made
+
+
+def _plot_task2(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], plt: Any,
+                colors: Sequence[str]) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = (("task_curve_loss", "task 1"), ("control_curve_loss", "control"), ("task2_curve_loss", "task 2"))
+    for i, a in enumerate(x for x in cfg.arms if x.name in cfg.task2_arms):
+        first = True
+        for s in cfg.seeds:
+            for lr, d in a.grid():
+                r = runs.get(RunSpec(a.name, s, lr, d).run_id)
+                if r is None or not r.get("task2"):
+                    continue
+                for ax, (k, _) in zip(axes, keys):
+                    b0 = base[k]
+                    pts = [(p["step"], p[k]) for p in r["curve"] if k in p]
+                    pts += [(cfg.steps + p["step"], p[k]) for p in r["task2"]["curve"]]
+                    ax.plot([x for x, _ in pts], [y - b0 for _, y in pts], "-", lw=0.8, alpha=0.7,
+                            color=colors[i % len(colors)], label=a.name if first else None)
+                first = False
+    for ax, (_, name) in zip(axes, keys):
+        ax.axvline(cfg.steps, color="k", ls=":", lw=0.8)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel(f"step (task 1, then task 2 from step {cfg.steps})", fontsize=8)
+        ax.set_ylabel(f"{name} loss − base (nats, curve windows)", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{cfg.title}: task 1 then task 2 (one line per run)", fontsize=10)
+    fig.tight_layout()
+    p = out / "task2.png"
+    _save(fig, p)
+    plt.close(fig)
+    return p
 

@@ -6,7 +6,10 @@ r"""Training and evaluating the runs of a study.
   adapter, or every parameter), AdamW at one grid point, evaluation of the task and control *curve*
   windows at every step of the evaluation grid and of the *final* windows after the last step, the
   per-window losses kept; for a blended arm, the trained run evaluated at
-  :math:`W_0 + \alpha (W_1 - W_0)` for each declared :math:`\alpha` (no training).
+  :math:`W_0 + \alpha (W_1 - W_0)` for each declared :math:`\alpha` (no training); with a second task
+  (``task2_steps``), the run then goes on training the same tensors on it, AdamW's moments reset,
+  evaluated on the task, the control and task 2 (the record's ``task2``: its curve, counted from task
+  2's start, its final evaluation, its losses and timing).
 * :func:`run_study`: every planned run not in the results folder, each claimed before it starts and
   saved atomically when it ends; several workers may share the folder.
 
@@ -173,7 +176,7 @@ def pick_device(spec: str) -> Any:
 
 def kappa_table(model: Any, cfg: StudyConfig, cache: Any = None) -> Any:
     """``kappatune.scan`` of the base model with the study's filters (embeddings and LM head out)."""
-    from ..scan import scan
+    from ..pipeline import scan
 
     return scan(model, cache=cache if cache is not None else False, max_dim=cfg.max_dim, exclude=cfg.exclude,
                 progress=False)
@@ -220,7 +223,10 @@ def _point(model: Any, data: StudyData, sets: Sequence[str], cfg: StudyConfig, d
 def base_losses(model: Any, data: StudyData, cfg: StudyConfig, device: Any) -> Dict[str, Any]:
     """The untouched model's losses on every evaluation set (``base.json``)."""
     t = time.perf_counter()
-    b = _point(model, data, ("task_curve", "control_curve", "task_final", "control_final"), cfg, device)
+    sets = ("task_curve", "control_curve", "task_final", "control_final")
+    if "task2_curve" in data.evals:                           # a second task: its windows too
+        sets += ("task2_curve", "task2_final")
+    b = _point(model, data, sets, cfg, device)
     b["eval_wall_s"] = time.perf_counter() - t
     return b
 
@@ -319,7 +325,8 @@ def blend_points(base_model: Any, model: Any, alphas: Sequence[float], data: Stu
 def train_run(base_model: Any, spec: RunSpec, cfg: StudyConfig, sel: Mapping[str, Any], data: StudyData,
               base: Mapping[str, Any], device: Any, table: Any, fingerprints: Mapping[str, str],
               progress: Optional[bool] = None) -> Dict[str, Any]:
-    """Train and evaluate one run; returns its record (the run file's content).
+    """Train and evaluate one run (and its task 2, when the study has one and the arm takes part);
+    returns its record (the run file's content).
 
     Args:
         base_model (torch.nn.Module): the pretrained model (copied, never changed).
@@ -354,15 +361,61 @@ def train_run(base_model: Any, spec: RunSpec, cfg: StudyConfig, sel: Mapping[str
     trainable = sum(p.numel() for p in params)
     batches = data.batches(spec.seed, cfg.steps, cfg.batch)
     sets = ("task_curve", "control_curve")
-    curve = [{"step": 0, **{k: base[k] for s in sets for k in (f"{s}_loss", f"{s}_pw")}}]
-    evals = set(cfg.eval_at)
+    first = {"step": 0, **{k: base[k] for s in sets for k in (f"{s}_loss", f"{s}_pw")}}
+    seg = _train_segment(model, params, opt, sched, batches, cfg.eval_at, sets, first, cfg, data, device,
+                         _bar(cfg.steps, spec.run_id, progress))
+    curve, losses, diverged = seg["curve"], seg["train_losses"], seg["diverged"]
+    train_wall, train_cpu, eval_wall, eval_cpu, windows = (seg["train_wall_s"], seg["train_cpu_s"], seg["eval_wall_s"],
+                                                           seg["eval_cpu_s"], seg["eval_windows"])
+    tw, tc = time.perf_counter(), time.process_time()
+    final = _point(model, data, ("task_final", "control_final"), cfg, device)
+    blend = None
+    task2_next = cfg.task2 and arm.name in cfg.task2_arms and not diverged
+    if arm.name in cfg.blend_arms and not diverged:
+        # a LoRA model is merged for its blend: with task 2 to come, the blend merges a copy
+        trained = copy.deepcopy(model) if task2_next and hasattr(model, "merge_and_unload") else model
+        blend = blend_points(base_model, trained, cfg.alphas, data, cfg, device)
+        windows += len(cfg.alphas) * sum(len(data.evals[s]) for s in sets)
+        del trained
+    eval_wall += time.perf_counter() - tw
+    eval_cpu += time.process_time() - tc
+    windows += sum(len(data.evals[s]) for s in ("task_final", "control_final"))
+    task2 = _task2_phase(model, params, opt, arm, spec, cfg, data, curve[-1], device, progress) if task2_next else None
+    rec: Dict[str, Any] = {
+        "run_id": spec.run_id, "arm": arm.name, "kind": arm.kind, "seed": spec.seed, "lr": spec.lr,
+        "decay": spec.decay, "weight_decay": cfg.weight_decay if arm.weight_decay is None else arm.weight_decay,
+        "schedule": arm.schedule or cfg.schedule, "steps": len(losses), "steps_planned": cfg.steps,
+        "diverged": diverged, "trainable_params": trainable, **info,
+        "curve": curve, "final": final, "blend": blend, "train_losses": losses,
+        "settings_fingerprint": fingerprints["settings"], "model_fingerprint": fingerprints["model"],
+        "data_fingerprint": fingerprints["data"],
+        "timing": {"wall_s": time.perf_counter() - t0w, "cpu_s": time.process_time() - t0c, "train_wall_s": train_wall,
+                   "train_cpu_s": train_cpu, "eval_wall_s": eval_wall, "eval_cpu_s": eval_cpu, "eval_windows": windows,
+                   "steps": len(losses), "threads": torch.get_num_threads(), "device": str(device)},
+        "versions": {"kappatune": __version__, "torch": torch.__version__},
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if task2 is not None:                       # wall_s and cpu_s above include it; the rest of timing is task 1's
+        rec["task2"] = task2
+    return rec
+
+
+def _train_segment(model: Any, params: Sequence[Any], opt: Any, sched: Any, batches: Any, eval_at: Sequence[int],
+                   sets: Sequence[str], first: Mapping[str, Any], cfg: StudyConfig, data: StudyData, device: Any,
+                   bar: Any) -> Dict[str, Any]:
+    """Train on ``batches`` (``steps × batch`` windows, in order), evaluating ``sets`` at the steps of
+    ``eval_at`` (and at a divergence, which stops the segment); ``first`` is the curve's point 0."""
+    import torch
+
+    steps = len(batches) // cfg.batch
+    curve = [dict(first)]
+    evals = set(eval_at)
     losses: List[float] = []
     train_wall = train_cpu = eval_wall = eval_cpu = 0.0
     windows = 0
     diverged = False
-    bar = _bar(cfg.steps, spec.run_id, progress)
     model.train()
-    for step in range(1, cfg.steps + 1):
+    for step in range(1, steps + 1):
         tw, tc = time.perf_counter(), time.process_time()
         x = batches[(step - 1) * cfg.batch: step * cfg.batch].to(device)
         with _autocast(device, cfg.precision):
@@ -387,37 +440,45 @@ def train_run(base_model: Any, spec: RunSpec, cfg: StudyConfig, sel: Mapping[str
             windows += sum(len(data.evals[s]) for s in sets)
             curve.append({"step": step, **pt})
             if bar is not None:
-                bar.set_postfix(task=f"{pt['task_curve_loss']:.3f}", control=f"{pt['control_curve_loss']:.3f}")
+                bar.set_postfix({s.split("_")[0]: f"{pt[f'{s}_loss']:.3f}" for s in sets})
         if bar is not None:
             bar.update(1)
         if diverged:
             break
     if bar is not None:
         bar.close()
+    return {"curve": curve, "train_losses": losses, "diverged": diverged, "train_wall_s": train_wall,
+            "train_cpu_s": train_cpu, "eval_wall_s": eval_wall, "eval_cpu_s": eval_cpu, "eval_windows": windows}
+
+
+def _task2_phase(model: Any, params: Sequence[Any], opt: Any, arm: Arm, spec: RunSpec, cfg: StudyConfig,
+                 data: StudyData, last: Mapping[str, Any], device: Any, progress: Optional[bool]) -> Dict[str, Any]:
+    """Task 2 of a run: the trained tensors (adapter, parameters) go on training on the second task for
+    ``cfg.task2_steps`` steps, AdamW's moments reset (``decay_to_init`` still pulls toward the pretrained
+    weights), the learning-rate schedule restarted; evaluated on the task, control and task-2 curve
+    windows at ``cfg.task2_eval_at`` (steps counted from task 2's start) and on the final windows after
+    its last step. ``last`` is task 1's last curve point."""
+    t0w, t0c = time.perf_counter(), time.process_time()
+    sets = ("task_curve", "control_curve", "task2_curve")
+    start = {k: v for k, v in last.items() if k != "step"}
+    if last.get("step") != cfg.steps:                       # task 1's curve ends at its last step: else measure
+        start = _point(model, data, sets[:2], cfg, device)
+    first = {"step": 0, **start, **_point(model, data, sets[2:], cfg, device)}
+    opt.state.clear()                                       # a fresh AdamW on the same tensors
+    sched = _scheduler(opt, arm.schedule or cfg.schedule, cfg.task2_steps)
+    seg = _train_segment(model, params, opt, sched, data.batches(spec.seed, cfg.task2_steps, cfg.batch, pool="task2"),
+                         cfg.task2_eval_at, sets, first, cfg, data, device,
+                         _bar(cfg.task2_steps, f"{spec.run_id} task 2", progress))
     tw, tc = time.perf_counter(), time.process_time()
-    final = _point(model, data, ("task_final", "control_final"), cfg, device)
-    blend = None
-    if arm.name in cfg.blend_arms and not diverged:
-        blend = blend_points(base_model, model, cfg.alphas, data, cfg, device)
-        windows += len(cfg.alphas) * sum(len(data.evals[s]) for s in sets)
-    eval_wall += time.perf_counter() - tw
-    eval_cpu += time.process_time() - tc
-    windows += sum(len(data.evals[s]) for s in ("task_final", "control_final"))
-    rec: Dict[str, Any] = {
-        "run_id": spec.run_id, "arm": arm.name, "kind": arm.kind, "seed": spec.seed, "lr": spec.lr,
-        "decay": spec.decay, "weight_decay": cfg.weight_decay if arm.weight_decay is None else arm.weight_decay,
-        "schedule": arm.schedule or cfg.schedule, "steps": len(losses), "steps_planned": cfg.steps,
-        "diverged": diverged, "trainable_params": trainable, **info,
-        "curve": curve, "final": final, "blend": blend, "train_losses": losses,
-        "settings_fingerprint": fingerprints["settings"], "model_fingerprint": fingerprints["model"],
-        "data_fingerprint": fingerprints["data"],
-        "timing": {"wall_s": time.perf_counter() - t0w, "cpu_s": time.process_time() - t0c, "train_wall_s": train_wall,
-                   "train_cpu_s": train_cpu, "eval_wall_s": eval_wall, "eval_cpu_s": eval_cpu, "eval_windows": windows,
-                   "steps": len(losses), "threads": torch.get_num_threads(), "device": str(device)},
-        "versions": {"kappatune": __version__, "torch": torch.__version__},
-        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    return rec
+    final = _point(model, data, ("task_final", "control_final", "task2_final"), cfg, device)
+    seg["eval_wall_s"] += time.perf_counter() - tw
+    seg["eval_cpu_s"] += time.process_time() - tc
+    seg["eval_windows"] += sum(len(data.evals[s]) for s in ("task_final", "control_final", "task2_final"))
+    seg["eval_windows"] += len(data.evals["task2_curve"])
+    timing = {k: seg.pop(k) for k in ("train_wall_s", "train_cpu_s", "eval_wall_s", "eval_cpu_s", "eval_windows")}
+    timing.update(wall_s=time.perf_counter() - t0w, cpu_s=time.process_time() - t0c)
+    return {"steps": len(seg["train_losses"]), "steps_planned": cfg.task2_steps, "diverged": seg["diverged"],
+            "curve": seg["curve"], "final": final, "train_losses": seg["train_losses"], "timing": timing}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,23 +1,60 @@
-"""Report of the forgetting study v2: endpoints, paired bootstrap and paired t against κ-low, Holm,
-the Monte-Carlo error of the bootstrap, the computed headline, ``results.md``, ``summary.json`` and the
-plots. Reads only run files. The statistics live in :mod:`kappatune.study.stats`."""
+r"""The forgetting study v2's record: its results folder read as it stands, and its report written
+again from its run files.
+
+v2 (``benchmarks/results/forgetting_v2``, pre-registered in its ``PREREGISTRATION.md``) was run by
+its own harness before ``kappatune study`` existed; the harness is in the repository's history. Its
+folder holds v2's formats, which this module reads without changing them: ``config.json`` (the
+design, :class:`V2Design`, its fingerprint checked), ``base.json``, ``selections.json`` and
+``runs/<phase>_<arm>_s<seed>_lr<lr>.json`` (a ``main`` run of ``steps`` steps, a ``long`` one of
+``long_steps``, a ``seq`` one: ``steps`` on the task then ``seq_steps`` on task 2). v2's design
+differs from a ``kappatune study`` design in one rule: each arm's learning rate for seeds 1 and 2
+(and the long and sequential phases) was chosen on seed 0 (:func:`choose_lr`), and its endpoints are
+read at that learning rate, not on an envelope over the grid; so the record keeps its own analysis.
+
+:func:`write_report` writes ``results.md``, ``summary.json`` and the plots (``frontier.png``,
+``sequential.png``) from the run files with :mod:`kappatune.study.stats` (the paired bootstrap over
+seeds and windows, each comparison from its own generator, the paired t, Holm over each
+pre-registered family, the minimum detectable effects, and the replicates raised until no verdict can
+flip by Monte-Carlo noise), as the committed report: every number of it is what this code computes.
+
+v2's design in the study vocabulary, to run it again with ``kappatune study`` (every grid point on
+every seed, which contains v2's runs), is the study file next to the record, ``v2_study.json`` (main
+and sequential phases) and ``v2_long_study.json`` (the long phase): ``python benchmarks/forgetting.py``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from kappatune.study import stats as st
+from . import stats as st
+from .folder import FolderError, atomic_write_bytes, atomic_write_json, read_json
+from .report import finite
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import forgetting_v2 as fv  # noqa: E402
+__all__ = ["V2Design", "V2RunSpec", "ARMS", "RANDOM_ARMS", "LABELS", "PHASES", "read_design",
+           "load_runs", "choose_lr", "arm_order", "plan", "curve_endpoint", "analyse", "analyse_stable", "verdict",
+           "comparison_table", "headline", "summary", "write_report", "write_plots", "COMMAND", "REPORT_COMMAND"]
+
+ARMS = ("kappa_low", "random_kind", "kappa_high_kind", "kappa_low_kind", "random", "spectrum", "lora", "full")
+"""v2's arms, in report order."""
+RANDOM_ARMS = ("random_kind", "random")
+"""The arms whose tensors are drawn per seed (the setup table lists every seed's draw)."""
+LABELS = {"kappa_low": "κ-low", "random_kind": "random (κ-low's kinds)", "kappa_high_kind": "κ-high (κ-low's kinds)",
+          "kappa_low_kind": "κ-low within kind", "random": "random", "spectrum": "Spectrum SNR",
+          "lora": "LoRA", "full": "full FT"}
+PHASES = ("main", "long", "seq")
+"""v2's phases: the run files' prefixes (:class:`V2RunSpec`)."""
+COMMAND = "python benchmarks/forgetting.py"
+"""The command that made v2's runs (its own harness, in the repository's history)."""
+REPORT_COMMAND = "python benchmarks/forgetting.py --v2-report"
+"""The command that writes v2's report again (:func:`write_report`)."""
 
 REF = "kappa_low"
 ALPHA = 0.05                       # family-wise level of the pre-registered rule
@@ -43,41 +80,179 @@ FAMILIES = {
 }
 USAGE = """## Run it on your own model
 
+v2's harness is now `kappatune study` (the guide "Measure forgetting on your model"): the same kinds of arms at a
+budget, learning-rate grids, seeds, task 2 in sequence, on your model and data, with every grid point on every seed
+and each arm's lower envelope over its grid.
+
 ```bash
-# the whole study (resumable: rerun the same command, finished runs are kept)
-python benchmarks/forgetting.py --model PATH/TO/causal-lm-folder \\
-    --task my_domain.jsonl --control general_text.txt --task2 second_domain.txt \\
-    --device cuda --out results/my_model_forgetting
-python benchmarks/forgetting.py --out results/my_model_forgetting --report    # tables, plots, summary.json
-python benchmarks/forgetting.py --quick ...      # a few minutes: short runs, 2 seeds, 1 LR per arm
-python benchmarks/forgetting.py --dry-run ...    # the budget, each arm's tensors and LoRA rank; no training
+# v2's design again, with kappatune study (the study files v2_study.json and v2_long_study.json in this folder)
+python benchmarks/forgetting.py                  # resumable; one worker per core: add --threads 1
+python benchmarks/forgetting.py --long           # its long phase
+kappatune study --model PATH/TO/causal-lm-folder --task my_domain.jsonl --control general_text.txt \\
+    --task2 second_domain.txt --device cuda --out results/my_model_forgetting
+kappatune study --out results/my_model_forgetting --report    # tables, plots, summary.json
+python benchmarks/forgetting.py --v2-report      # this page again, from the run files of this folder
 ```
 
 `--model` takes any folder `AutoModelForCausalLM.from_pretrained` reads (or a `.gguf` file); without it the
 bundled SmolLM2-135M-Instruct GGUF is used. `--task/--control/--task2` take plain text (documents separated by
 blank lines), JSONL (a `text` field per line; `--text-field` to change) or JSON; defaults: KJV verses, Wikipedia
-summaries and the interpreter's own standard library source, all offline. `--device cuda` trains under bf16
-autocast with float32 master weights (`--bf16-weights` for models whose float32 copy does not fit); `--arms`
-drops arms (e.g. `full` on a 7B model), `--phases main` skips the long and sequential phases."""
+summaries and (with `--task2-steps` alone) the interpreter's own standard library source, all offline."""
 
 
-def _chosen(cfg, runs) -> Dict[str, Optional[float]]:
-    return fv.plan(cfg, runs)[2]
+# ----------------------------------------------------------------------------------------------
+# the record's formats
+class V2Design:
+    """v2's design as its ``config.json`` holds it: every setting that changes a run, fingerprinted into
+    each run file, read as attributes with v2's names and meanings: ``steps`` (main phase, and task 1 of
+    the sequential phase), ``long_steps``, ``seq_steps`` (task 2), ``eval_every``, ``curve_windows``,
+    ``final_windows``, ``budget`` (fraction of the linear weights), ``seeds``, ``lrs`` (each arm's grid),
+    ``lstar_delta`` (L* = base − this), ``long_lstar_delta``, ``arms``, ``long_arms``, ``seq_arms``,
+    ``match_tol`` (the parameter-count match), and the descriptions ``model``, ``task``, ``control``,
+    ``task2``.
+
+    Args:
+        settings (mapping): ``config.json``'s content (its ``fingerprint`` is set aside).
+    """
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._settings = {k: v for k, v in settings.items() if k != "fingerprint"}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_settings"][name]
+        except KeyError:
+            raise AttributeError(f"v2's design has no setting {name!r}") from None
+
+    def fingerprint(self) -> str:
+        """v2's settings fingerprint: 12 hex digits of SHA-1 over the settings (sorted JSON)."""
+        return hashlib.sha1(json.dumps(self._settings, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The settings and the fingerprint (``config.json``'s content)."""
+        return {**self._settings, "fingerprint": self.fingerprint()}
 
 
+@dataclass(frozen=True)
+class V2RunSpec:
+    """One v2 run: an arm at one learning rate on one seed, in one phase (``main``, ``long``, ``seq``)."""
+
+    arm: str
+    lr: float
+    seed: int
+    phase: str = "main"
+
+    @property
+    def run_id(self) -> str:
+        """``<phase>_<arm>_s<seed>_lr<lr>``: the run file's name."""
+        return f"{self.phase}_{self.arm}_s{self.seed}_lr{self.lr:g}"
+
+
+def read_design(folder: "str | Path") -> V2Design:
+    """The design of a v2 folder (``config.json``), its recorded fingerprint checked.
+
+    Raises:
+        FolderError: no ``config.json``, or one whose fingerprint is not its settings'.
+    """
+    p = Path(folder) / "config.json"
+    d = read_json(p)
+    if not isinstance(d, dict):
+        raise FolderError(f"{p}: not a forgetting study v2 config")
+    design = V2Design(d)
+    if d.get("fingerprint") != design.fingerprint():
+        raise FolderError(f"{p}: its fingerprint {d.get('fingerprint')} is not that of its settings "
+                          f"({design.fingerprint()}): not v2's record as written")
+    return design
+
+
+def load_runs(folder: "str | Path", design: Optional[V2Design] = None) -> Dict[str, Dict[str, Any]]:
+    """The run files of a v2 folder, ``{run_id: run}``; with ``design``, a run written under other
+    settings is refused.
+
+    Raises:
+        FolderError: a run file that is not JSON, or of other settings.
+    """
+    runs: Dict[str, Dict[str, Any]] = {}
+    d = Path(folder) / "runs"
+    if not d.is_dir():
+        return runs
+    for p in sorted(d.glob("*.json")):
+        r = read_json(p)
+        if design is not None and r.get("config_fingerprint") != design.fingerprint():
+            raise FolderError(f"{p} was written under other study settings (fingerprint "
+                              f"{r.get('config_fingerprint')} != {design.fingerprint()})")
+        runs[r["run_id"]] = r
+    return runs
+
+
+def choose_lr(runs: Sequence[Mapping[str, Any]]) -> Optional[float]:
+    """v2's pre-registered LR rule on seed 0's runs of an arm (curve windows only): among the runs that
+    reach L*, the one with the lower Δcontrol at L*; if none reaches it, the lower final curve task loss.
+    A diverged run is never chosen while another exists; ties go to the lower LR."""
+    if not runs:
+        return None
+    ok = [r for r in runs if not r.get("diverged")] or list(runs)
+    reached = [r for r in ok if r.get("dcontrol_at_lstar") is not None]
+    if reached:
+        return min(reached, key=lambda r: (r["dcontrol_at_lstar"], r["lr"]))["lr"]
+
+    def final_loss(r: Mapping[str, Any]) -> float:
+        x = r["curve"][-1]["task_curve_loss"]
+        return x if x is not None and math.isfinite(x) else math.inf
+
+    return min(ok, key=lambda r: (final_loss(r), r["lr"]))["lr"]
+
+
+def arm_order(arms: Sequence[str]) -> List[str]:
+    """``arms`` in v2's report order (:data:`ARMS`)."""
+    return [a for a in ARMS if a in arms]
+
+
+def plan(cfg: V2Design, done: Mapping[str, Mapping[str, Any]]
+         ) -> Tuple[List[V2RunSpec], List[str], Dict[str, Optional[float]]]:
+    """v2's plan against the runs ``done``: ``(runs missing whose LR is known, groups waiting for seed
+    0's LR grid, the LR chosen per arm)``. Seed 0 runs every arm's grid; seeds 1.., the long and the
+    sequential phase run at the LR :func:`choose_lr` picks from it."""
+    s0 = cfg.seeds[0]
+    chosen: Dict[str, Optional[float]] = {}
+    missing: List[V2RunSpec] = []
+    waiting: List[str] = []
+    for a in arm_order(cfg.arms):
+        grid = [V2RunSpec(a, lr, s0, "main") for lr in cfg.lrs[a]]
+        missing += [s for s in grid if s.run_id not in done]
+        chosen[a] = choose_lr([done[s.run_id] for s in grid]) if all(s.run_id in done for s in grid) else None
+    for phase, arms, seeds in (("main", cfg.arms, cfg.seeds[1:]), ("long", cfg.long_arms, cfg.seeds),
+                               ("seq", cfg.seq_arms, cfg.seeds)):
+        for a in arm_order(arms):
+            lr = chosen.get(a)
+            if lr is None:
+                waiting.append(f"{phase} {a} seeds {list(seeds)} (wait for seed {s0}'s LR grid)")
+                continue
+            missing += [s for s in (V2RunSpec(a, lr, sd, phase) for sd in seeds) if s.run_id not in done]
+    return missing, waiting, chosen
+
+
+def _waiting_count(cfg: V2Design, waiting: Sequence[str]) -> int:
+    return sum(len(cfg.seeds) - 1 if w.startswith("main") else len(cfg.seeds) for w in waiting)
+
+
+# ----------------------------------------------------------------------------------------------
+# endpoints and comparisons
 def _pw(points: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.asarray([p[key] for p in points], dtype=np.float64)          # (K, n)
 
 
-def resampled_level(Wt: np.ndarray, base_task_pw: Sequence[float], level: float) -> np.ndarray:
-    """A task-loss level defined on the base model (L* = base − Δ) under each bootstrap replicate's
-    window weights ``Wt`` ``(B+1, n)`` (:func:`kappatune.study.stats.resampled_level`)."""
-    return st.resampled_level(Wt, base_task_pw, level)
+def curve_endpoint(run: Mapping[str, Any], Wt: np.ndarray, Wc: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Control-loss increase where a run's task curve first crosses ``level``, one value per bootstrap
+    replicate.
 
-
-def _curve_endpoint(run, Wt, Wc, level: np.ndarray) -> np.ndarray:
-    """Control-loss increase where the run's task curve crosses ``level`` (one per bootstrap
-    replicate, :func:`resampled_level`)."""
+    Args:
+        run (mapping): a v2 run (its ``curve`` with per-window losses).
+        Wt (numpy.ndarray): ``(B+1, n_task)`` task-window weights (:func:`kappatune.study.stats.window_weights`).
+        Wc (numpy.ndarray): ``(B+1, n_control)`` control-window weights.
+        level (numpy.ndarray): ``(B+1,)`` the level under each replicate's weights
+            (:func:`kappatune.study.stats.resampled_level`: L* follows the resampled base loss).
+    """
     pts = [c for c in run["curve"] if "task_curve_pw" in c]
     T = Wt @ _pw(pts, "task_curve_pw").T
     C = Wc @ _pw(pts, "control_curve_pw").T
@@ -111,13 +286,26 @@ def _status(run: Optional[Mapping[str, Any]], value: Optional[float]) -> str:
     return "ok"
 
 
-def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], B: int = 2000,
+def analyse(cfg: V2Design, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], B: int = 2000,
             seed: int = 12345) -> Dict[str, Any]:
-    """Every number of the report at ``B`` bootstrap replicates (see PREREGISTRATION.md for the
-    definitions). ``out["comparisons"]`` holds every comparison with κ-low by ``"family/arm"`` (the
-    same objects as those nested in the phases)."""
+    """Every number of the report at ``B`` bootstrap replicates (the definitions are in v2's
+    PREREGISTRATION.md).
+
+    Args:
+        cfg (V2Design): the design.
+        runs (mapping): ``{run_id: run}`` (:func:`load_runs`).
+        base (mapping): ``base.json``'s content.
+        B (int, optional): bootstrap replicates. Default: ``2000``.
+        seed (int, optional): seed of the window weights and of every comparison's generator.
+            Default: ``12345``.
+
+    Returns:
+        dict: ``main``, ``exploratory``, ``long``, ``sequential`` (per arm), ``comparisons`` (every
+        comparison with κ-low by ``"family/arm"``, the same objects as those nested in the phases),
+        ``compute``, ``L_star``, ``L_long``, ``chosen_lr``, ``bootstrap``.
+    """
     rng = np.random.default_rng(seed)
-    chosen = _chosen(cfg, runs)
+    chosen = plan(cfg, runs)[2]
     n_cc, n_tc = len(base["control_curve_pw"]), len(base["task_curve_pw"])
     n_cf, n_tf = len(base["control_final_pw"]), len(base["task_final_pw"])
     W = {"tc": st.window_weights(n_tc, B, rng), "cc": st.window_weights(n_cc, B, rng),
@@ -134,7 +322,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
         return slim
 
     def run_of(a, s, phase):
-        return runs.get(fv.RunSpec(a, chosen[a], s, phase).run_id) if chosen.get(a) else None
+        return runs.get(V2RunSpec(a, chosen[a], s, phase).run_id) if chosen.get(a) else None
 
     def by_arm(phase, arms, fn, lr_of=lambda a: chosen.get(a), curve=False):
         """``{arm: {seed: (B+1,) values}}``. A diverged run keeps a curve endpoint it reached before
@@ -146,7 +334,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
             if lr is None:
                 continue
             for s in cfg.seeds:
-                r = runs.get(fv.RunSpec(a, lr, s, phase).run_id)
+                r = runs.get(V2RunSpec(a, lr, s, phase).run_id)
                 if r is None or (r.get("diverged") and not curve):
                     continue
                 v = fn(r)
@@ -159,13 +347,13 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
         return [_status(run_of(a, s, phase), v) for s, v in zip(cfg.seeds, seedvals)]
 
     # main phase
-    arms = fv._arm_order(cfg.arms)
+    arms = arm_order(cfg.arms)
 
     def level(x: float) -> np.ndarray:
-        return resampled_level(W["tc"], base["task_curve_pw"], x)
+        return st.resampled_level(W["tc"], base["task_curve_pw"], x)
 
     Ls_b, Ll_b = level(Ls), level(Ll)
-    prim = by_arm("main", arms, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
+    prim = by_arm("main", arms, lambda r: curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
     last = by_arm("main", arms, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
     cmp_p, cmp_l = compare(prim, "primary", arms), compare(last, "last", arms)
     main: Dict[str, Any] = {}
@@ -190,14 +378,14 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                                                         ("dcontrol_at_lstar", "steps_to_lstar", "dtask_last",
                                                          "dcontrol_last", "dcontrol_acc_last")}}
                                          for s in cfg.seeds
-                                         for r in [runs.get(fv.RunSpec(a, lr, s, "main").run_id)] if r]
+                                         for r in [runs.get(V2RunSpec(a, lr, s, "main").run_id)] if r]
                              for lr in cfg.lrs[a]}
     out["main"] = main
     # exploratory, not pre-registered: the same endpoint at deeper task-loss levels
     expl: Dict[str, Any] = {}
     for delta in EXPLORATORY_DELTAS:
         lev = level(base["task_curve_loss"] - delta)
-        vals = by_arm("main", arms, lambda r, lev=lev: _curve_endpoint(r, W["tc"], W["cc"], lev), curve=True)
+        vals = by_arm("main", arms, lambda r, lev=lev: curve_endpoint(r, W["tc"], W["cc"], lev), curve=True)
         cmp_e = compare(vals, f"exploratory_{delta:g}", arms)
         expl[f"{delta:g}"] = {}
         for a in arms:
@@ -205,10 +393,10 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
             expl[f"{delta:g}"][a] = {"seeds": sv, "status": statuses("main", a, sv), "vs_kappa_low": cmp_e.get(a)}
     out["exploratory"] = expl
     # long phase
-    la = fv._arm_order(cfg.long_arms)
+    la = arm_order(cfg.long_arms)
     long_last = by_arm("long", la, lambda r: W["cf"] @ (np.asarray(r["final"]["control_final_pw"]) - cf0))
-    long_deep = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ll_b), curve=True)
-    long_star = by_arm("long", la, lambda r: _curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
+    long_deep = by_arm("long", la, lambda r: curve_endpoint(r, W["tc"], W["cc"], Ll_b), curve=True)
+    long_star = by_arm("long", la, lambda r: curve_endpoint(r, W["tc"], W["cc"], Ls_b), curve=True)
     cl, cd = compare(long_last, "long_last", la), compare(long_deep, "long_deep", la)
     out["long"] = {}
     for a in la:
@@ -220,7 +408,7 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                                          for r in (run_of(a, s, "long") for s in cfg.seeds)],
                           "last_vs_kappa_low": cl.get(a), "L_long_vs_kappa_low": cd.get(a)}
     # sequential phase
-    sa = fv._arm_order(cfg.seq_arms)
+    sa = arm_order(cfg.seq_arms)
     sq_c = by_arm("seq", sa, lambda r: W["cf"] @ (np.asarray(r["after_task2"]["control_final_pw"]) - cf0))
     sq_t = by_arm("seq", sa, lambda r: W["tf"] @ (np.asarray(r["after_task2"]["task_final_pw"])
                                                  - np.asarray(r["after_task1"]["task_final_pw"])))
@@ -260,7 +448,8 @@ def analyse(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
     return out
 
 
-def analyse_stable(cfg, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any], B: int = PREREGISTERED_B,
+def analyse_stable(cfg: V2Design, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
+                   B: int = PREREGISTERED_B,
                    B_max: int = B_MAX, seed: int = 12345) -> Dict[str, Any]:
     """:func:`analyse` at enough replicates that no verdict can flip by Monte-Carlo noise: ``B`` doubled
     until no comparison's Holm p is within ``MC_K`` Monte-Carlo SEs of ``ALPHA``
@@ -398,7 +587,7 @@ def _missing(status: Sequence[str]) -> str:
     return "level not reached by any seed: nothing to compare"
 
 
-def _family_title(label: str, cfg) -> str:
+def _family_title(label: str, cfg: V2Design) -> str:
     if label.startswith("exploratory_"):
         return f"exploratory (not pre-registered): Δcontrol at base − {label.split('_', 1)[1]} nats"
     return FAMILIES[label][0].format(steps=cfg.steps, long_steps=cfg.long_steps, long_delta=cfg.long_lstar_delta)
@@ -408,7 +597,7 @@ def _words(label: str) -> Tuple[str, str]:
     return FAMILIES.get(label, ("", FORGETS, False))[1]
 
 
-def comparison_table(A: Mapping[str, Any], label: str, cfg) -> List[str]:
+def comparison_table(A: Mapping[str, Any], label: str, cfg: V2Design) -> List[str]:
     """Every comparison of one family: both intervals, both Holm p-values, the Monte-Carlo SE of the
     bootstrap one, both MDEs (at α and at Holm's first level α/m) and the verdicts."""
     rows = [(k.split("/", 1)[1], c) for k, c in A["comparisons"].items() if k.split("/", 1)[0] == label]
@@ -421,7 +610,7 @@ def comparison_table(A: Mapping[str, Any], label: str, cfg) -> List[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, c in rows:
         if c.get("ci95") is None:
-            lines.append(f"| {fv.LABELS[a]} | {len(c['paired_seeds'])} | {_v(c['mean_diff'])} | — | — | — | — | — | — | "
+            lines.append(f"| {LABELS[a]} | {len(c['paired_seeds'])} | {_v(c['mean_diff'])} | — | — | — | — | — | — | "
                          f"{verdict_head(c, words, 'no seed where both runs reached the level')} | — |")
             continue
         lo, hi = c["ci95"]
@@ -429,7 +618,7 @@ def comparison_table(A: Mapping[str, Any], label: str, cfg) -> List[str]:
         tv = "agrees" if c["t_decision"] == c["decision"] else (
             "no difference" if not c["t_decision"] else _direction(c["t_decision"], words))
         mc = " ⚠ within 3 MC-SE of α" if c.get("mc_at_risk") else ""
-        lines.append(f"| {fv.LABELS[a]} | {len(c['paired_seeds'])} | {c['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+        lines.append(f"| {LABELS[a]} | {len(c['paired_seeds'])} | {c['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
                      f"{_p_mc(c, long=False)}{mc} | [{tlo:+.4f}, {thi:+.4f}] | {_p(c, 't_p_holm')} | "
                      f"{c['mde']:.4f} / {c['mde_holm']:.4f} | {c['t_mde']:.4f} / {c['t_mde_holm']:.4f} | "
                      f"{verdict_head(c, words)} | {tv} |")
@@ -468,17 +657,34 @@ def _status_line(n_done: int, n_total: int, unfinished: bool) -> str:
             "where a CI is missing no conclusion is drawn.")
 
 
-def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, plots: bool = True,
+def write_report(folder: "str | Path", command: str = COMMAND, B: int = PREREGISTERED_B, plots: bool = True,
                  B_max: int = B_MAX) -> str:
-    out = Path(out)
-    runs = fv.load_runs(out, cfg)
+    """Write the v2 folder's ``results.md`` and ``summary.json`` (and its plots) from its run files;
+    returns the text of ``results.md``.
+
+    Args:
+        folder (str or Path): the v2 results folder (``benchmarks/results/forgetting_v2``).
+        command (str, optional): the command that made the runs, quoted. Default: :data:`COMMAND`.
+        B (int, optional): bootstrap replicates to start from (raised until no verdict can flip by
+            Monte-Carlo noise). Default: ``2000`` (as pre-registered).
+        plots (bool, optional): draw ``frontier.png`` and ``sequential.png`` (matplotlib); without,
+            the report shows the figures already in the folder. Default: ``True``.
+        B_max (int, optional): the most bootstrap replicates. Default: ``256000``.
+
+    Raises:
+        FolderError: a missing or altered ``config.json``, a run file of other settings.
+    """
+    out = Path(folder)
+    cfg = read_design(out)
+    runs = load_runs(out, cfg)
     base_p = out / "base.json"
-    base = json.loads(base_p.read_text(encoding="utf-8")) if base_p.exists() else None
-    ready, waiting, chosen = fv.plan(cfg, runs)
+    base = read_json(base_p) if base_p.exists() else None
+    ready, waiting, chosen = plan(cfg, runs)
     lines = ["# Forgetting study v2: does κ-selection forget less once module kind, LR and noise are controlled?", ""]
     lines += [USAGE, ""]
     if command:
-        lines += [f"This folder was made with: `{command}` (then `--report`).", ""]
+        lines += [f"This folder was made with: `{command}` (v2's own harness, in the repository's history; this "
+                  f"report is written from its run files by `kappatune.study.v2`: `{REPORT_COMMAND}`).", ""]
     lines += [f"Pre-registration: [PREREGISTRATION.md](PREREGISTRATION.md) (committed before the first run; its "
               f"dated amendments and corrections at the end). Settings fingerprint `{cfg.fingerprint()}`; v1 (the "
               f"first study) stays in `../forgetting/`.", ""]
@@ -487,11 +693,11 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
     lines += [_status_line(n_done, n_total, bool(ready or waiting)), ""]
     if base is None:
         text = "\n".join(lines + ["No base evaluation yet: nothing has run."]) + "\n"
-        (out / "results.md").write_text(text, encoding="utf-8")
+        atomic_write_bytes(out / "results.md", text.encode("utf-8"))
         return text
     A = analyse_stable(cfg, runs, base, B=B, B_max=B_max)
     sel_p = out / "selections.json"
-    sel = json.loads(sel_p.read_text(encoding="utf-8")) if sel_p.exists() else None
+    sel = read_json(sel_p) if sel_p.exists() else None
     lines += ["## Setup", "",
               f"Model: {cfg.model}; precision {cfg.precision}. Task: {cfg.task}; control: {cfg.control}; task 2 "
               f"(sequential phase): {cfg.task2}. Windows of {cfg.seq_len} tokens, batch {cfg.batch}, AdamW (weight decay "
@@ -512,9 +718,9 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
                   "| arm | seed | tensors | params (vs κ-low) | kinds | κ range | rule |", "|---|---|---|---|---|---|---|"]
         for sd, arms in sel["arms"].items():
             for a, d in arms.items():
-                if a in cfg.arms and (sd == str(cfg.seeds[0]) or a in fv.RANDOM_ARMS):
+                if a in cfg.arms and (sd == str(cfg.seeds[0]) or a in RANDOM_ARMS):
                     kr = d["kappa_range"]
-                    lines.append(f"| {fv.LABELS[a]} | {sd} | {len(d['names'])} | {d['params']:,} "
+                    lines.append(f"| {LABELS[a]} | {sd} | {len(d['names'])} | {d['params']:,} "
                                  f"({d['params'] / ref - 1:+.1%}) | "
                                  + ", ".join(f"{k} {v}" for k, v in d["kinds"].items())
                                  + f" | {kr[0]:.3g} … {kr[1]:.3g} | {d['rule']} |")
@@ -530,7 +736,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
         vs = "(reference)" if a == REF else _short(m["vs_kappa_low"], missing=_missing(m["status"]))
         stp = ", ".join("—" if x is None else f"{x:.0f}" for x in m["steps_to_lstar"])
         tp = "—" if m["trainable_params"] is None else f"{m['trainable_params']:,}"
-        lines.append(f"| {fv.LABELS[a]} | {lr} ({', '.join(f'{x:g}' for x in m['lr_grid'])}) | {tp} | "
+        lines.append(f"| {LABELS[a]} | {lr} ({', '.join(f'{x:g}' for x in m['lr_grid'])}) | {tp} | "
                      f"{_seeds_str(m['seeds'], m['status'])} | {_v(m['mean'])} | {vs} | {stp} |")
     lines += [""] + comparison_table(A, "primary", cfg)
     lines += ["## Headline (computed from the CIs)", ""] + headline(A, cfg)
@@ -540,7 +746,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
     for a, m in A["main"].items():
         for lr, rows in m["per_lr"].items():
             for r in rows:
-                lines.append(f"| {fv.LABELS[a]} | {lr} | {r['seed']} | {_v(r['dtask_last'])} | {_v(r['dcontrol_last'])} | "
+                lines.append(f"| {LABELS[a]} | {lr} | {r['seed']} | {_v(r['dtask_last'])} | {_v(r['dcontrol_last'])} | "
                              f"{_v(r['dcontrol_acc_last'])} | {_v(r['dcontrol_at_lstar'])} |")
     lines += ["", "Last-step Δcontrol at the chosen LR vs κ-low (unmatched adaptation: read with Δtask).", ""]
     lines += comparison_table(A, "last", cfg)
@@ -551,7 +757,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
                   "the level was not reached within the run.", "",
                   "| arm | per seed | vs κ-low |", "|---|---|---|"]
         for a, m in rows.items():
-            lines.append(f"| {fv.LABELS[a]} | {_seeds_str(m['seeds'], m['status'])} | "
+            lines.append(f"| {LABELS[a]} | {_seeds_str(m['seeds'], m['status'])} | "
                          f"{'(reference)' if a == REF else _short(m['vs_kappa_low'], missing=_missing(m['status']))} |")
         lines += [""] + comparison_table(A, f"exploratory_{d}", cfg)
     lines += [f"## Longer training ({cfg.long_steps} steps)", "",
@@ -559,7 +765,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
               "last vs κ-low | deep level vs κ-low |", "|---|---|---|---|---|---|---|---|"]
     for a, m in A["long"].items():
         lr = "—" if m["lr"] is None else f"{m['lr']:g}"
-        lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dtask_last'])} | {_seeds_str(m['dcontrol_last'])} | "
+        lines.append(f"| {LABELS[a]} | {lr} | {_seeds_str(m['dtask_last'])} | {_seeds_str(m['dcontrol_last'])} | "
                      f"{_seeds_str(m['dcontrol_at_lstar'])} | {_seeds_str(m['dcontrol_at_L_long'], m['status_L_long'])} | "
                      f"{'—' if a == REF else _short(m['last_vs_kappa_low'])} | "
                      f"{'—' if a == REF else _short(m['L_long_vs_kappa_low'], missing=_missing(m['status_L_long']))} |")
@@ -574,7 +780,7 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
     for a, m in A["sequential"].items():
         lr = "—" if m["lr"] is None else f"{m['lr']:g}"
         rs = "; ".join("—" if x is None else f"{x['changed_tensors']} / {x['recomputed']}" for x in m["rescan"])
-        lines.append(f"| {fv.LABELS[a]} | {lr} | {_seeds_str(m['dtask1_after_task1'])} | "
+        lines.append(f"| {LABELS[a]} | {lr} | {_seeds_str(m['dtask1_after_task1'])} | "
                      f"{_seeds_str(m['dcontrol_after_task1'])} | {_seeds_str(m['seeds'])} | "
                      f"{_seeds_str(m['task1_forgetting'])} | {_seeds_str(m['dtask2_after_task2'])} | {rs} | "
                      f"{'—' if a == REF else _short(m['vs_kappa_low'])} | "
@@ -593,23 +799,23 @@ def write_report(cfg, out: Path, command: str = "", B: int = PREREGISTERED_B, pl
     for ph, d in sorted(C["by_phase"].items()):
         lines.append(f"| {ph} | {d['runs']} | {d['steps']} | {d['cpu_s'] / 3600:.2f} | {d['wall_s'] / 3600:.2f} |")
     lines += ["", "Training CPU s/step (main phase): " + ", ".join(
-        f"{fv.LABELS[a]} {v:.2f}" for a, v in C["cpu_s_per_step"].items() if v is not None), ""]
+        f"{LABELS[a]} {v:.2f}" for a, v in C["cpu_s_per_step"].items() if v is not None), ""]
     if ready or waiting:
         lines += [f"## NOT FINISHED: {len(ready)} run(s) ready, {len(waiting)} group(s) waiting", ""]
         lines += [f"- ready: {s.run_id}" for s in ready[:60]] + ([f"- … {len(ready) - 60} more"] if len(ready) > 60 else [])
         lines += [f"- waiting: {w}" for w in waiting]
-        lines += ["", "Resume with the same command (finished runs are kept, not redone)."]
+        lines += ["", "v2's harness is gone: these runs can no longer be made (rerun v2's design with "
+                      "`python benchmarks/forgetting.py`)."]
     else:
         lines += [f"All {n_done} planned runs finished."]
-    if plots:
-        made = write_plots(cfg, out, runs, base, A)
-        if made:
-            lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in made]
+    made = write_plots(cfg, out, runs, base, A) if plots else [
+        p for p in (out / "frontier.png", out / "sequential.png") if p.is_file()]
+    if made:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in made]
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text, encoding="utf-8")
     s = summary(cfg, A, base, runs, ready, waiting)
-    json.dumps(s, allow_nan=False)                     # strict JSON, or fail here rather than write it
-    fv.atomic_write_json(out / "summary.json", s)
+    atomic_write_json(out / "summary.json", s, strict=True)       # strict JSON, or fail before writing
+    atomic_write_bytes(out / "results.md", text.encode("utf-8"))
     return text
 
 
@@ -637,17 +843,8 @@ def monte_carlo_section(A: Mapping[str, Any]) -> List[str]:
     return lines + [""]
 
 
-def _waiting_count(cfg, waiting) -> int:
-    n = 0
-    for w in waiting:
-        if w.startswith("main"):
-            n += len(cfg.seeds) - 1
-        else:
-            n += len(cfg.seeds)
-    return n
-
-
-def headline(A: Mapping[str, Any], cfg) -> List[str]:
+def headline(A: Mapping[str, Any], cfg: V2Design) -> List[str]:
+    """The headline of the report, one markdown bullet per finding, computed from the intervals."""
     out = []
     m = A["main"]
     if REF not in m or m[REF]["mean"] is None:
@@ -656,21 +853,21 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
                f"(mean {m[REF]['mean']:+.4f} nats).")
     for a in ("random_kind", "kappa_high_kind"):
         if a in m:
-            out.append(f"- κ vs kind — {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'], missing=_missing(m[a]['status']))}.")
+            out.append(f"- κ vs kind — {LABELS[a]}: {verdict(m[a]['vs_kappa_low'], missing=_missing(m[a]['status']))}.")
     for a in ("kappa_low_kind", "random", "spectrum", "lora", "full"):
         if a in m:
-            out.append(f"- {fv.LABELS[a]}: {verdict(m[a]['vs_kappa_low'], missing=_missing(m[a]['status']))}.")
+            out.append(f"- {LABELS[a]}: {verdict(m[a]['vs_kappa_low'], missing=_missing(m[a]['status']))}.")
     for a, s in A["long"].items():
         if a != REF:
             dt = [x for x in s["dtask_last"] if x is not None]
             dr = [x for x in A["long"].get(REF, {}).get("dtask_last", []) if x is not None]
             dtask = (f" (Δtask at the last step, mean over seeds: {np.mean(dt):+.3f}"
                      + (f", κ-low {np.mean(dr):+.3f}" if dr else "") + ")") if dt else ""
-            out.append(f"- long ({cfg.long_steps} steps), {fv.LABELS[a]}: last step {verdict(s['last_vs_kappa_low'])}"
+            out.append(f"- long ({cfg.long_steps} steps), {LABELS[a]}: last step {verdict(s['last_vs_kappa_low'])}"
                        f"{dtask}.")
     for a, s in A["sequential"].items():
         if a != REF:
-            out.append(f"- sequential, {fv.LABELS[a]}: control {verdict(s['vs_kappa_low'])}; task-1 forgetting: "
+            out.append(f"- sequential, {LABELS[a]}: control {verdict(s['vs_kappa_low'])}; task-1 forgetting: "
                        f"{verdict(s['task1_forgetting_vs_kappa_low'], LOSES_TASK1)}; before task 2 (descriptive), "
                        f"task 1: {verdict(s['task1_gain_vs_kappa_low'], _words('seq_task1_gain'))}.")
     disagree = [k for k, c in A["comparisons"].items()
@@ -687,19 +884,11 @@ def headline(A: Mapping[str, Any], cfg) -> List[str]:
     return out
 
 
-def _finite(x: Any) -> Any:
-    """``x`` with every non-finite float as ``None`` (summary.json stays strict JSON)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def summary(cfg, A, base, runs, ready, waiting) -> Dict[str, Any]:
-    return _finite({"arms": {a: dict(m) for a, m in A["main"].items()},
+def summary(cfg: V2Design, A: Mapping[str, Any], base: Mapping[str, Any], runs: Mapping[str, Any],
+            ready: Sequence[V2RunSpec], waiting: Sequence[str]) -> Dict[str, Any]:
+    """The content of ``summary.json`` (strict JSON: non-finite values are ``null``) from
+    :func:`analyse_stable`'s ``A``."""
+    return finite({"arms": {a: dict(m) for a, m in A["main"].items()},
             "long": {"arms": A["long"]},
             "sequential": {"arms": {a: dict(m) for a, m in A["sequential"].items()}},
             "exploratory_not_preregistered": A["exploratory"],
@@ -749,7 +938,11 @@ def _frontier(ax, runs_by_seed, base, color, label, ls="-"):
         ax.fill_between(grid, np.nanmin(Y, 0), np.nanmax(Y, 0), color=color, alpha=0.15, lw=0)
 
 
-def write_plots(cfg, out: Path, runs, base, A) -> List[Path]:
+def write_plots(cfg: V2Design, out: Path, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
+                A: Mapping[str, Any]) -> List[Path]:
+    """``frontier.png`` (main and long phases: Δcontrol against the task loss at the chosen LR, mean
+    over seeds, band = seed range) and ``sequential.png`` (task 1 then task 2: control, task-1 and
+    task-2 losses, one line per seed). matplotlib is imported here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -758,12 +951,12 @@ def write_plots(cfg, out: Path, runs, base, A) -> List[Path]:
     made: List[Path] = []
     chosen = A["chosen_lr"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, phase, arms in ((axes[0], "main", fv._arm_order(cfg.arms)), (axes[1], "long", fv._arm_order(cfg.long_arms))):
+    for ax, phase, arms in ((axes[0], "main", arm_order(cfg.arms)), (axes[1], "long", arm_order(cfg.long_arms))):
         for a in arms:
             if chosen.get(a) is None:
                 continue
-            rs = [runs[k] for k in (fv.RunSpec(a, chosen[a], s, phase).run_id for s in cfg.seeds) if k in runs]
-            _frontier(ax, rs, base, COLORS[a], f"{fv.LABELS[a]}, lr {chosen[a]:g}")
+            rs = [runs[k] for k in (V2RunSpec(a, chosen[a], s, phase).run_id for s in cfg.seeds) if k in runs]
+            _frontier(ax, rs, base, COLORS[a], f"{LABELS[a]}, lr {chosen[a]:g}")
         ax.axvline(A["L_star"], color="k", ls=":", lw=0.8, label="L*")
         ax.axhline(0, color="k", lw=0.5)
         ax.invert_xaxis()
@@ -780,8 +973,8 @@ def write_plots(cfg, out: Path, runs, base, A) -> List[Path]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     made.append(p)
-    seq = [(a, [runs[k] for k in (fv.RunSpec(a, chosen[a], s, "seq").run_id for s in cfg.seeds) if k in runs])
-           for a in fv._arm_order(cfg.seq_arms) if chosen.get(a) is not None]
+    seq = [(a, [runs[k] for k in (V2RunSpec(a, chosen[a], s, "seq").run_id for s in cfg.seeds) if k in runs])
+           for a in arm_order(cfg.seq_arms) if chosen.get(a) is not None]
     if any(rs for _, rs in seq):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
         keys = (("control_curve_loss", "control", base["control_curve_loss"]),
@@ -792,7 +985,7 @@ def write_plots(cfg, out: Path, runs, base, A) -> List[Path]:
                 for i, r in enumerate(rs):
                     pts = r["task1"]["curve"] + r["task2"]["curve"][1:]
                     ax.plot([c["step"] for c in pts], [c[k] - b0 for c in pts], "-o", ms=2, color=COLORS[a],
-                            alpha=0.8, label=fv.LABELS[a] if i == 0 else None)
+                            alpha=0.8, label=LABELS[a] if i == 0 else None)
             ax.axvline(cfg.steps, color="k", ls=":", lw=0.8)
             ax.axhline(0, color="k", lw=0.5)
             ax.set_xlabel(f"step (task 1 → task 2 at {cfg.steps})")
