@@ -617,6 +617,8 @@ def comparison_table(A: Mapping[str, Any], label: str, cfg: V2Design) -> List[st
         tlo, thi = c["t_ci95"]
         tv = "agrees" if c["t_decision"] == c["decision"] else (
             "no difference" if not c["t_decision"] else _direction(c["t_decision"], words))
+        if not c["t_decision"] and (tlo > 0 or thi < 0):  # the t interval excludes 0, its Holm p does not pass
+            tv += " (the paired-t CI excludes 0 but its Holm p ≥ 0.05: rests on Holm)"
         mc = " ⚠ within 3 MC-SE of α" if c.get("mc_at_risk") else ""
         lines.append(f"| {LABELS[a]} | {len(c['paired_seeds'])} | {c['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
                      f"{_p_mc(c, long=False)}{mc} | [{tlo:+.4f}, {thi:+.4f}] | {_p(c, 't_p_holm')} | "
