@@ -147,6 +147,21 @@ def test_study_runs_every_planned_run_and_reports(study):
     assert "All 8 planned runs finished." in md
 
 
+def test_the_cost_of_a_blend_point_is_reported_by_the_declared_rule(study):
+    """Question (c) of v3: one blend point's CPU = the run's evaluation CPU per window × its windows."""
+    s = _strict(study / "summary.json")
+    b = s["compute"]["blend"]
+    assert set(b) == {"kappa_low"}                       # the only arm blended back
+    runs = [json.loads(p.read_text()) for p in sorted((study / "runs").glob("kappa_low_*.json"))]
+    windows = len(runs[0]["blend"][0]["task_curve_pw"]) + len(runs[0]["blend"][0]["control_curve_pw"])
+    want = sum(r["timing"]["eval_cpu_s"] / r["timing"]["eval_windows"] * windows for r in runs) / len(runs)
+    run_cpu = sum(r["timing"]["cpu_s"] for r in runs) / len(runs)
+    assert b["kappa_low"]["windows_per_point"] == windows == 16 and b["kappa_low"]["runs"] == len(runs) == 4
+    assert b["kappa_low"]["point_cpu_s"] == pytest.approx(want, rel=1e-12)
+    assert b["kappa_low"]["ratio"] == pytest.approx(want / run_cpu, rel=1e-12) and 0 < b["kappa_low"]["ratio"] < 1
+    assert "CPU s per blend point" in (study / "results.md").read_text()
+
+
 def test_envelope_in_the_summary_recomputes_from_the_run_files(study):
     s = _strict(study / "summary.json")
     base = json.loads((study / "base.json").read_text())

@@ -299,7 +299,16 @@ def _last_step_rows(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], bas
 
 
 def _compute(runs: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """CPU and wall time per arm, and, for each arm whose runs were blended back, the cost of one blend
+    point against a training run's.
+
+    A blend point (one α) is evaluated on the same curve windows as a run's evaluation point, both
+    corpora, without training. The run files time evaluation as a whole, not the blends apart, so one
+    blend point's CPU is estimated as the run's evaluation CPU per window × the windows of one blend
+    point (its task and control curve windows): the rule the v3 pre-registration's amendment declares.
+    """
     by_arm: Dict[str, Dict[str, float]] = {}
+    blend: Dict[str, Dict[str, Any]] = {}
     for r in runs.values():
         t = r.get("timing") or {}
         d = by_arm.setdefault(r["arm"], {"runs": 0, "cpu_s": 0.0, "wall_s": 0.0, "steps": 0, "train_cpu_s": 0.0})
@@ -308,11 +317,25 @@ def _compute(runs: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
         d["wall_s"] += t.get("wall_s") or 0.0
         d["steps"] += r.get("steps") or 0
         d["train_cpu_s"] += t.get("train_cpu_s") or 0.0
+        points = r.get("blend") or []
+        if points and t.get("eval_cpu_s") and t.get("eval_windows"):
+            windows = len(points[0].get("task_curve_pw") or []) + len(points[0].get("control_curve_pw") or [])
+            b = blend.setdefault(r["arm"], {"runs": 0, "points": 0, "point_cpu_s": 0.0, "run_cpu_s": 0.0,
+                                            "windows_per_point": windows})
+            b["runs"] += 1
+            b["points"] += len(points)
+            b["point_cpu_s"] += t["eval_cpu_s"] / t["eval_windows"] * windows
+            b["run_cpu_s"] += t.get("cpu_s") or 0.0
     for d in by_arm.values():
         d["cpu_s_per_step"] = d["train_cpu_s"] / d["steps"] if d["steps"] else None
+    for b in blend.values():
+        b["point_cpu_s"] /= b["runs"]          # the mean estimate of one blend point
+        b["run_cpu_s"] /= b["runs"]            # the mean CPU of one training run of the arm
+        b["ratio"] = b["point_cpu_s"] / b["run_cpu_s"] if b["run_cpu_s"] else None
     return {"by_arm": by_arm, "cpu_s": sum(d["cpu_s"] for d in by_arm.values()),
             "wall_s": sum(d["wall_s"] for d in by_arm.values()),
-            "devices": sorted({(r.get("timing") or {}).get("device", "?") for r in runs.values()})}
+            "devices": sorted({(r.get("timing") or {}).get("device", "?") for r in runs.values()}),
+            "blend": blend}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,6 +590,16 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
     for arm, d in C["by_arm"].items():
         lines.append(f"| {arm} | {d['runs']} | {d['cpu_s'] / 3600:.3f} | {_v(d['cpu_s_per_step'], 2, False)} |")
     lines.append("")
+    if C["blend"]:
+        lines += ["What a point on a blend's curve costs against a training run of its arm (descriptive; one blend "
+                  "point, one α, is estimated as the run's evaluation CPU per window × its windows, since the run "
+                  "files time evaluation as a whole):", "",
+                  "| arm blended | runs | windows per point | CPU s per blend point | CPU s per training run | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for arm, b in C["blend"].items():
+            lines.append(f"| {arm} | {b['runs']} | {b['windows_per_point']} | {b['point_cpu_s']:.1f} | "
+                         f"{b['run_cpu_s']:.1f} | {_v(b['ratio'], 3, False)} |")
+        lines.append("")
     if missing:
         lines += [f"## Not finished: {done} of {total} runs", "",
                   "Resume with the same command (finished runs are kept). Missing: "
