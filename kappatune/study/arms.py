@@ -42,8 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .config import Arm, StudyConfig
 
-__all__ = ["ArmError", "SELECTORS", "SCORE_OF", "select_tensors", "selections", "lora_modules", "lora_rank_for",
-           "kinds_of", "reordered", "score_table"]
+__all__ = ["select_tensors", "ArmError", "SELECTORS"]
 
 
 class ArmError(ValueError):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .config import (DEFAULT_EVAL_AT, StudyConfig, StudyConfigError, default_config, load_study, parse_arm,
                      parse_budget, parse_eval_at, parse_floats, parse_seeds, quick_config)
 
-__all__ = ["add_parser", "run", "build_config", "missing_requirements", "folder_study", "SETTING_FLAGS", "STUDY_EXTRA"]
+__all__ = ["add_parser"]
 
 STUDY_EXTRA = 'pip install "kappatune[study]"'
 SETTING_FLAGS = ("model", "task", "control", "text_field", "arms", "lrs", "decays", "blend", "alphas", "budget",

@@ -49,10 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["StudyConfig", "Arm", "StudyConfigError", "ARM_KINDS", "SELECTIVE_KINDS", "DEFAULT_LRS", "DEFAULT_DECAYS",
-           "DEFAULT_EVAL_AT", "EMBEDDINGS", "FORMAT", "VERSION", "EVIDENCE_MIN_SEEDS", "EVIDENCE_MIN_STEPS",
-           "parse_arm", "parse_eval_at", "parse_budget", "parse_floats", "parse_seeds", "default_config",
-           "quick_config", "load_study", "differences"]
+__all__ = ["StudyConfig", "Arm", "StudyConfigError", "load_study", "default_config", "quick_config",
+           "ARM_KINDS"]
 
 FORMAT = "kappatune-study"
 VERSION = 1

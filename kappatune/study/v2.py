@@ -38,9 +38,7 @@ from . import stats as st
 from .folder import FolderError, atomic_write_bytes, atomic_write_json, read_json
 from .report import finite
 
-__all__ = ["V2Design", "V2RunSpec", "ARMS", "RANDOM_ARMS", "LABELS", "PHASES", "read_design",
-           "load_runs", "choose_lr", "arm_order", "plan", "curve_endpoint", "analyse", "analyse_stable", "verdict",
-           "comparison_table", "headline", "summary", "write_report", "write_plots", "COMMAND", "REPORT_COMMAND"]
+__all__ = ["read_design", "load_runs", "analyse", "V2Design"]
 
 ARMS = ("kappa_low", "random_kind", "kappa_high_kind", "kappa_low_kind", "random", "spectrum", "lora", "full")
 """v2's arms, in report order."""
