@@ -901,6 +901,21 @@ class KappaCache:
 
         An entry that would not pass :func:`validate_entry` (a NaN, say) is not recorded: it is
         logged, and never makes a later save fail.
+
+        Args:
+            key (str): from :meth:`key`, ``digest|layout`` (a κ entry; use :meth:`put_many` for an
+                SNR key).
+            kappa (float): :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}` (``inf`` for a
+                rank-deficient matrix); for a ``"stack"``, the aggregate of ``per_matrix``.
+            sigma_max (float): the largest singular value :math:`\\sigma_{\\max}` (over the stack).
+            sigma_min (float): the smallest singular value :math:`\\sigma_{\\min}` (over the stack).
+            shape (Sequence[int]): the tensor's shape.
+            dtype (str or torch.dtype): the tensor's dtype, stored by its name (e.g. ``"bfloat16"``).
+            layout (str): ``"matrix"``, ``"flatten"`` or ``"stack"``, as in ``key``.
+            per_matrix (Sequence[float], optional): κ of each matrix of a ``"stack"``. Default:
+                ``None`` (a single matrix).
+            name (str, optional): the tensor's name, kept for messages only (the key is the
+                content). Default: ``None``.
         """
         self.put_many({key: dict(kappa=kappa, sigma_max=sigma_max, sigma_min=sigma_min, shape=shape, dtype=dtype,
                                  layout=layout, per_matrix=per_matrix, name=name)})
@@ -911,6 +926,11 @@ class KappaCache:
         Under an SNR key (``digest|layout|snr``) the fields are those of an SNR result: ``snr``,
         ``sigma_max``, ``signal``, ``noise``, ``threshold`` (NaN for a stack), ``shape``, ``dtype``,
         ``layout``, ``per_matrix`` (the SNR of each matrix of a stack) and ``name``.
+
+        Args:
+            entries (Mapping[str, Mapping[str, Any]]): per key from :meth:`key`, the fields of
+                :meth:`put` (``kappa``, ``sigma_max``, ``sigma_min``, ``shape``, ``dtype``, ``layout``,
+                optional ``per_matrix`` and ``name``), or under an SNR key those above.
         """
         self._ensure_loaded()
         n = 0

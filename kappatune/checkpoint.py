@@ -374,10 +374,16 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
     """One lazily loaded :class:`~kappatune.refs.TensorRef` per tensor of the checkpoint.
 
     Only the headers are read here; ``ref.load()`` reads that one tensor with ``pread``.
-    Raises :class:`CheckpointError` for a missing path, a file or folder this user may not read
-    ("permission denied", never reported as missing), a folder without safetensors weights, a
-    file that is not valid safetensors, an index naming a tensor its shard lacks, or a tensor name
-    that appears in two files.
+
+    Args:
+        path_or_paths (str, os.PathLike or Sequence of them): a model folder, an index file
+            (``model.safetensors.index.json``) or one or more ``.safetensors`` files.
+
+    Raises:
+        CheckpointError: a missing path, a file or folder this user may not read ("permission
+            denied", never reported as missing), a folder without safetensors weights, a file that
+            is not valid safetensors, an index naming a tensor its shard lacks, or a tensor name
+            that appears in two files.
     """
     files, indexes = _resolve(path_or_paths)
     expected: Dict[str, Tuple[str, Path]] = {}
@@ -418,8 +424,8 @@ def scan_checkpoint(path_or_paths: Union[PathLike, Sequence[PathLike]], **scan_k
     """κ of every eligible tensor of a safetensors checkpoint, without instantiating the model.
 
     Args:
-        path_or_paths: a model folder, an index file (``model.safetensors.index.json``) or one or
-            more ``.safetensors`` files.
+        path_or_paths (str, os.PathLike or Sequence of them): a model folder, an index file
+            (``model.safetensors.index.json``) or one or more ``.safetensors`` files.
         **scan_kwargs: as :func:`kappatune.scan`: ``min_ndim``, ``max_dim``, ``include``,
             ``exclude``, ``cache``, ``recompute``, ``aggregate``, ``progress``, ``num_workers``.
 

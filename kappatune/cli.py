@@ -684,7 +684,12 @@ def _error_text(e: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 unexpected failure, 2 bad input)."""
+    """Run the command line; returns the exit status (0 ok, 1 unexpected failure, 2 bad input).
+
+    Args:
+        argv (Sequence[str], optional): the arguments after the program name, e.g.
+            ``["show", "model_dir", "--top-fraction", "0.1"]``. Default: ``None`` (``sys.argv[1:]``).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     log = logging.getLogger("kappatune")

@@ -29,6 +29,24 @@ class SelectiveFineTuningOptimizer(KappaTuneOptimizer):
     ``condition_numbers`` and ``trainable_param_names`` are kept; unlike the reference it is a real
     ``torch.optim.Optimizer``.
 
+    Args:
+        model (nn.Module): the model to fine-tune.
+        base_optimizer_cls (type or Callable[..., torch.optim.Optimizer]): the inner optimizer's
+            class (or factory), as ``optimizer`` of :class:`KappaTuneOptimizer`.
+        optimizer_args (Dict[str, Any]): its keyword arguments, e.g. ``{"lr": 1e-4}`` (``None``
+            counts as ``{}``).
+        condition_file (str, optional): names the κ cache: ``name.json`` → the SQLite database
+            ``name.sqlite`` (any other name gets ``.sqlite`` appended). Default:
+            ``"condition_numbers.json"``.
+        num_tensors_to_finetune (int, optional): train the ``k`` lowest-κ tensors. Default: ``100``.
+        recompute (bool, optional): ignore cached κ values (fresh ones are still written). Default:
+            ``False``.
+        max_dim_size_to_analyze (int, optional): skip tensors with a matrix side longer than this.
+            Default: ``None`` (no limit, as the reference).
+
+    Raises:
+        TypeError: ``optimizer_args`` not a mapping.
+
     Example::
 
         >>> opt = SelectiveFineTuningOptimizer(model, torch.optim.AdamW, {"lr": 1e-4},

@@ -281,7 +281,7 @@ def apply_delta(model: nn.Module, path: PathLike, alpha: float = 1.0) -> Applied
 
     Returns:
         AppliedDelta: the names written; its :meth:`~AppliedDelta.restore` puts the base back
-        (it keeps a copy of the written tensors' base values, the delta's size).
+            (it keeps a copy of the written tensors' base values, the delta's size).
 
     Raises:
         DeltaError: a delta folder that is missing or corrupt, a tensor the model lacks or holds
@@ -342,7 +342,7 @@ def apply_delta_to_checkpoint(base_dir: PathLike, delta_dir: PathLike, out_dir: 
 
     Returns:
         Dict[str, Any]: ``{"out": path, "tensors": blended count, "copied": other tensors, "files": files
-        written, "bytes": bytes written, "skipped": files left out}``.
+            written, "bytes": bytes written, "skipped": files left out}``.
     """
     from .checkpoint import CheckpointError, SafetensorsFile, checkpoint_files
 

@@ -108,9 +108,15 @@ def check_same_selection(names: Iterable[str], *, group: Any = None, ordered: bo
     blocked in a later collective). Without an initialised process group it does nothing.
 
     Args:
-        names: the selected parameter names, in the order the optimizer holds them.
-        group: the process group (``None``: the default group).
-        ordered: also require the same order (default). With ``False`` only the set must match.
+        names (Iterable[str]): the selected parameter names, in the order the optimizer holds them.
+        group (torch.distributed.ProcessGroup, optional): the process group. Default: ``None`` (the
+            default group, the world).
+        ordered (bool, optional): also require the same order; with ``False`` only the set must
+            match. Default: ``True``.
+
+    Raises:
+        TypeError: ``names`` a single string, or not all strings.
+        ValueError: ranks that selected different tensors, naming them and the first difference.
 
     Example::
 
@@ -150,6 +156,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``.
 
     Parameter names of a :class:`KappaTuneOptimizer` are those of the unwrapped module.
+
+    Args:
+        model (nn.Module): the model, wrapped any number of times (or not at all: returned as is).
     """
     seen = set()
     while id(model) not in seen:

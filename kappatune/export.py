@@ -79,6 +79,24 @@ def format_selection(
 
     ``policy`` (the ``select`` arguments) and ``source`` (where the table came from) are recorded
     in the ``json`` output and in the ``axolotl`` comment.
+
+    Args:
+        table (KappaTable): the scan the names come from (κ, shapes and sizes are read from it).
+        selected (Sequence[str]): the chosen names, in the order to write them, each in ``table``.
+        fmt (str): ``"names"``, ``"json"``, ``"axolotl"`` or ``"peft"`` (see the module docstring).
+        policy (Mapping[str, Any], optional): the policy that chose them, e.g.
+            ``{"top_fraction": 0.1}`` (``json``: recorded as is; ``axolotl``: its non-``None``
+            items in the comment). Default: ``None`` (none recorded).
+        source (Sequence[str], optional): where the table came from (model paths), recorded in the
+            ``json`` output. Default: ``None``.
+
+    Returns:
+        str: the text, ending in a newline. The ``axolotl`` comment gives the selected share of
+            the analysed parameters, :math:`100 \\cdot \\sum_{s \\in \\text{selected}} n_s / \\sum_{t
+            \\in \\text{table}} n_t` percent, with :math:`n` the number of elements.
+
+    Raises:
+        ValueError: an unknown ``fmt``, or a selected name not in ``table``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")

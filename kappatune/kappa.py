@@ -154,7 +154,17 @@ _START_SEED = 0x6B61707061  # fixed start block: κ is a deterministic function 
 
 @dataclass(frozen=True)
 class KappaResult:
-    """κ of one tensor; ``per_matrix`` holds the individual values of a ``"stack"`` layout."""
+    """κ of one tensor; ``per_matrix`` holds the individual values of a ``"stack"`` layout.
+
+    Attributes:
+        kappa (float): :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}` (``inf`` for a rank-deficient
+            matrix); for a ``"stack"``, the aggregate (mean or max) of ``per_matrix``.
+        sigma_max (float): the largest singular value :math:`\\sigma_{\\max}` (over the stack).
+        sigma_min (float): the smallest singular value :math:`\\sigma_{\\min}` (over the stack).
+        layout (str): the layout used: ``"matrix"``, ``"flatten"`` or ``"stack"``.
+        per_matrix (Tuple[float, ...], optional): κ of each matrix of a ``"stack"``. Default:
+            ``None`` (a single matrix).
+    """
 
     kappa: float
     sigma_max: float
@@ -451,8 +461,17 @@ def _matrices_kappa(a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
 def condition_numbers(stack: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
     """κ of every matrix in a stack ``(B, m, n)`` of same-shaped matrices (any dtype, any device).
 
-    Returns a float64 CPU tensor of shape ``(B,)``. The stack is upcast to float64 chunk by chunk,
-    so the workspace stays bounded even for large expert stacks.
+    Returns a float64 CPU tensor of shape ``(B,)``, :math:`\\kappa_b = \\sigma_{\\max}(W_b) /
+    \\sigma_{\\min}(W_b)` (``inf`` for a rank-deficient :math:`W_b`), with the guarantee of the module
+    docstring. The stack is upcast to float64 chunk by chunk, so the workspace stays bounded even
+    for large expert stacks.
+
+    Args:
+        stack (Tensor): the matrices :math:`W_1, \\dots, W_B`, shape ``(B, m, n)``, floating point.
+        name (str, optional): names the tensor in errors. Default: ``"tensor"``.
+
+    Raises:
+        ValueError: not 3-D, an empty, complex or non-floating tensor, or NaN/Inf values.
 
     Example::
 
@@ -520,7 +539,7 @@ def kappa_of(
 
     Returns:
         KappaResult: ``kappa`` (the aggregate for a stack), ``sigma_max``, ``sigma_min`` (over the
-        stack), the layout used and, for a stack, ``per_matrix``.
+            stack), the layout used and, for a stack, ``per_matrix``.
 
     Raises:
         ValueError: fewer than 2 dimensions, an empty or non-floating tensor, NaN/Inf values, or a
@@ -585,6 +604,18 @@ class SnrResult:
     (:math:`\\sum_{\\sigma_i \\le \\tau} \\sigma_i`, 1 when empty) and ``threshold`` (τ) are those of
     a single matrix; for a ``"stack"`` layout they are NaN, ``per_matrix`` holds the SNR of each
     matrix, ``snr`` their aggregate and ``sigma_max`` the largest over the stack.
+
+    Attributes:
+        snr (float): :math:`\\mathrm{SNR} = \\text{signal}/\\text{noise}/\\sigma_{\\max}` (``inf`` for
+            a noise sum of 0, 0 for :math:`\\sigma_{\\max} = 0`); for a ``"stack"``, the aggregate of
+            ``per_matrix``.
+        sigma_max (float): the largest singular value :math:`\\sigma_{\\max}` (over the stack).
+        signal (float): :math:`\\sum_{\\sigma_i > \\tau} \\sigma_i` (NaN for a stack).
+        noise (float): :math:`\\sum_{\\sigma_i \\le \\tau} \\sigma_i`, 1 when empty (NaN for a stack).
+        threshold (float): τ, :func:`mp_threshold` (NaN for a stack).
+        layout (str): the layout used: ``"matrix"``, ``"flatten"`` or ``"stack"``.
+        per_matrix (Tuple[float, ...], optional): the SNR of each matrix of a ``"stack"``. Default:
+            ``None`` (a single matrix).
     """
 
     snr: float
@@ -636,8 +667,8 @@ def snr_from_singular_values(s, shape: Tuple[int, ...]) -> float:
 
     Returns:
         float: the SNR,
-        :math:`\\frac{1}{\\sigma_1}\\sum_{\\sigma_i > \\tau}\\sigma_i / \\sum_{\\sigma_i \\le \\tau}\\sigma_i`;
-        ``0.0`` for an all-zero matrix, ``inf`` when the noise sum is 0.
+            :math:`\\frac{1}{\\sigma_1}\\sum_{\\sigma_i > \\tau}\\sigma_i / \\sum_{\\sigma_i \\le \\tau}\\sigma_i`;
+            ``0.0`` for an all-zero matrix, ``inf`` when the noise sum is 0.
 
     Raises:
         ValueError: no singular values, or a negative or non-finite one.

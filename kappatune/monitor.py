@@ -99,10 +99,10 @@ def measure_forgetting(
 
     Returns:
         Dict[str, float]: with ``control``: ``control_loss``, ``control_loss_base`` and
-        ``control_loss_change`` (tuned − base, nats per token), ``control_tokens``; with ``task``:
-        ``task_loss``, ``task_loss_base``, ``task_loss_change``, ``task_kl`` (mean per-token
-        :math:`\mathrm{KL}(p_{\mathrm{base}} \| p_{\mathrm{tuned}})`, nats) and ``task_tokens``.
-        Means are over tokens (every counted position weighs the same).
+            ``control_loss_change`` (tuned − base, nats per token), ``control_tokens``; with ``task``:
+            ``task_loss``, ``task_loss_base``, ``task_loss_change``, ``task_kl`` (mean per-token
+            :math:`\mathrm{KL}(p_{\mathrm{base}} \| p_{\mathrm{tuned}})`, nats) and ``task_tokens``.
+            Means are over tokens (every counted position weighs the same).
 
     Raises:
         ValueError: if neither ``control`` nor ``task`` is given, or they hold no token to count.

@@ -237,11 +237,13 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
     optimizer built over the selected tensors.
 
     Args:
-        model: the model to fine-tune (a ``DistributedDataParallel``/``DataParallel``/
+        model (nn.Module): the model to fine-tune (a ``DistributedDataParallel``/``DataParallel``/
             ``torch.compile`` wrapper is unwrapped; names are those of the inner module).
-        optimizer: a ``torch.optim.Optimizer`` subclass or any callable ``params -> Optimizer``
+        optimizer (type or Callable[..., torch.optim.Optimizer], optional): a
+            ``torch.optim.Optimizer`` subclass or any callable ``params -> Optimizer``
             (``functools.partial(torch.optim.SGD, momentum=0.9)``, a third-party optimizer
             class). It is called as ``optimizer(selected_params, **optimizer_kwargs)``.
+            Default: ``torch.optim.AdamW``.
         num_tensors (Optional[int]): policy: the ``k`` lowest-κ tensors (default ``None``). Give
             exactly one of ``num_tensors``, ``top_fraction``, ``param_budget``, ``max_kappa``,
             ``policy`` or ``names`` (see :class:`~kappatune.selection.SelectionPolicy`).
@@ -276,11 +278,11 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
             (default ``False``).
         progress (Optional[bool]): a progress bar while scanning (default ``None``: only when
             stderr is a terminal).
-        policy: a prepared :class:`~kappatune.selection.SelectionPolicy` instead of the policy
-            keywords above.
-        skip_frozen: leave out of the candidates every tensor whose ``requires_grad`` is already
-            ``False`` (default ``False``: a selected tensor is trained even if the model had it
-            frozen, and a warning says how many were unfrozen that way).
+        policy (SelectionPolicy, optional): a prepared :class:`~kappatune.selection.SelectionPolicy`
+            instead of the policy keywords above. Default: ``None``.
+        skip_frozen (bool, optional): leave out of the candidates every tensor whose
+            ``requires_grad`` is already ``False``. Default: ``False`` (a selected tensor is trained
+            even if the model had it frozen, and a warning says how many were unfrozen that way).
         decay_to_init (float, optional): :math:`\lambda \ge 0`, a pull of every trained tensor
             toward its pretrained value :math:`p_0` (L2-SP, Li et al. 2018), applied at every
             step and decoupled from the gradient as AdamW's weight decay is:
@@ -613,6 +615,16 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         inner optimizer and global optimizer hooks fire once, inside the inner step. Under
         ``torch.amp.GradScaler`` with an optimizer that unscales itself (``fused=True``), the
         ``grad_scale``/``found_inf`` the scaler sets here are handed to the inner optimizer.
+
+        Args:
+            closure (Callable[[], Any], optional): re-evaluates the model and returns the loss, as
+                ``torch.optim.Optimizer.step`` takes it (LBFGS); with ``decay_to_init`` the pull
+                toward :math:`p_0` comes right after its first call. Default: ``None``.
+            **kwargs: passed to the inner optimizer's ``step``.
+
+        Raises:
+            RuntimeError: called inside :meth:`base_weights`, or a step pre-hook returning
+                something other than ``None`` or ``(args, kwargs)``.
         """
         if self._in_base:
             raise RuntimeError("step() inside opt.base_weights(): the model holds the pretrained values there and "
@@ -666,7 +678,12 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
     step.hooked = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients of the trained tensors (the inner optimizer's ``zero_grad``)."""
+        """Reset the gradients of the trained tensors (the inner optimizer's ``zero_grad``).
+
+        Args:
+            set_to_none (bool, optional): set each ``.grad`` to ``None`` instead of zeroing it in
+                place. Default: ``True``.
+        """
         if self._zero_grad_arg:
             self.inner.zero_grad(set_to_none=set_to_none)
         elif set_to_none:
@@ -694,6 +711,17 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         """Add a group of *model* parameters to train (they are unfrozen), e.g. a new head.
 
         The parameters must belong to the model, since the selection is recorded by name.
+
+        Args:
+            param_group (Dict[str, Any]): ``{"params": tensors, **hyper-parameters}`` as
+                ``torch.optim.Optimizer.add_param_group`` takes it; hyper-parameters not given
+                (``lr``, ``decay_to_init``, …) are the inner optimizer's defaults.
+
+        Raises:
+            TypeError: ``param_group`` not a dict, or its ``params`` a set.
+            ValueError: a tensor that is not a parameter of the model, one that cannot be trained, or
+                a ``decay_to_init`` the group cannot take (negative, without ``keep_base``, without ``lr``).
+            RuntimeError: called inside :meth:`base_weights`.
         """
         if not self._initialized:  # torch.optim.Optimizer.__init__: the inner optimizer holds the groups
             return
@@ -786,6 +814,10 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         ``torch.optim`` state dict (no selection record) whose param groups or state tensors do
         not fit the selected tensors. The pretrained values ``p₀`` the state dict carries replace
         the ones kept since construction.
+
+        Args:
+            state_dict (Mapping[str, Any]): from :meth:`state_dict` (or a plain ``torch.optim``
+                state dict of the same selected tensors).
         """
         self._refuse_in_base("load_state_dict()")
         sd: Mapping[str, Any] = state_dict
@@ -895,6 +927,17 @@ class KappaTuneOptimizer(torch.optim.Optimizer):
         ``optimizer`` and ``optimizer_kwargs`` should be those of the original run (hyper-parameters
         such as ``lr`` are restored from the state dict; constructor-only flags such as
         ``fused`` are not).
+
+        Args:
+            model (nn.Module): the model to train, with the parameters the state dict names.
+            state_dict (Mapping[str, Any]): from :meth:`state_dict` (it carries the selection record).
+            optimizer (type or Callable[..., torch.optim.Optimizer], optional): as for
+                :class:`KappaTuneOptimizer`. Default: ``torch.optim.AdamW``.
+            **optimizer_kwargs: passed to ``optimizer``, as for :class:`KappaTuneOptimizer`.
+
+        Raises:
+            ValueError: a state dict without a kappatune selection record, or one naming tensors the
+                model lacks or with other shapes.
         """
         rec = state_dict.get(STATE_KEY) if isinstance(state_dict, Mapping) else None
         if not isinstance(rec, Mapping) or not isinstance(rec.get("groups"), list) or not rec["groups"]:

@@ -103,6 +103,9 @@ def model_refs(model: nn.Module) -> List[TensorRef]:
 
     Layouts follow :func:`kappatune.refs.default_layout` (convolution kernels are flattened).
     Parameters of quantized layers (bitsandbytes) are dequantized by :mod:`kappatune.quant`.
+
+    Args:
+        model (nn.Module): the model; its ``named_parameters()`` give the names.
     """
     from . import quant
 
@@ -119,7 +122,14 @@ def model_refs(model: nn.Module) -> List[TensorRef]:
 
 
 def state_dict_refs(state_dict: Mapping[str, torch.Tensor]) -> List[TensorRef]:
-    """One :class:`TensorRef` per tensor of a state dict (layouts by name, as for a checkpoint)."""
+    """One :class:`TensorRef` per tensor of a state dict (layouts by name, as for a checkpoint).
+
+    Args:
+        state_dict (Mapping[str, Tensor]): name → tensor, e.g. ``model.state_dict()``.
+
+    Raises:
+        TypeError: a value that is not a tensor, named.
+    """
     refs = []
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor):
@@ -591,7 +601,37 @@ def scan_refs(
     num_workers: Optional[int] = None,
     score: str = "kappa",
 ) -> KappaTable:
-    """:func:`scan` over :class:`TensorRef` objects (a checkpoint's, or any loader's); same arguments."""
+    """:func:`scan` over :class:`TensorRef` objects (a checkpoint's, or any loader's); same arguments.
+
+    Args:
+        refs (Iterable[TensorRef]): the tensors, each read by ``ref.load()`` when its score is not
+            cached; names must be unique.
+        min_ndim (int, optional): tensors with fewer dimensions are skipped. Default: ``2``.
+        max_dim (int, optional): skip tensors with a matrix side longer than this; ``None`` analyses
+            every size. Default: :data:`~kappatune.refs.DEFAULT_MAX_DIM` (16384).
+        include (None, str or sequence of str, optional): regexes (``re.search``) a name must match
+            one of. Default: ``None`` (all).
+        exclude (None, str or sequence of str, optional): regexes no name may match. Default:
+            ``None``.
+        cache (bool, None, str, PathLike or KappaCache, optional): ``True`` uses
+            :func:`~kappatune.cache.default_cache_dir`; a path or a :class:`KappaCache` uses that;
+            ``False``/``None`` disables caching. Default: ``True``.
+        recompute (bool, optional): ignore cached values; fresh values are still written. Default:
+            ``False``.
+        aggregate (str, optional): ``"mean"`` or ``"max"`` over the matrices of a stacked 3-D
+            parameter. Default: ``"mean"``.
+        progress (bool, optional): a ``tqdm`` bar: ``None`` only when stderr is a terminal,
+            ``True`` always, ``False`` never. Default: ``None``.
+        num_workers (int, optional): matrices analysed at once, as in :func:`scan`. Default: ``None``
+            (``torch.get_num_threads()``).
+        score (str, optional): ``"kappa"``, :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}` (lowest
+            first), or ``"snr"``, Spectrum's :math:`\\text{signal}/\\text{noise}/\\sigma_{\\max}`
+            (highest first). Default: ``"kappa"``.
+
+    Raises:
+        ValueError: an invalid argument, or a tensor with NaN/Inf values or without data (meta),
+            named in the message.
+    """
     if aggregate not in ("mean", "max"):
         raise ValueError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
     resolve_workers(num_workers)  # a bad value fails before any work

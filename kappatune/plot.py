@@ -145,6 +145,23 @@ def plot_kappa(
     """Draw the κ heatmap and histogram; save to ``path`` (format from its suffix) if given.
 
     Returns the ``matplotlib.figure.Figure``. The image is ``figure_size(...)`` inches at ``dpi``.
+    A heatmap cell holding tensors :math:`t_1, \\dots, t_k` shows their geometric mean
+    :math:`(\\prod_i \\kappa_{t_i})^{1/k}`; the histogram counts :math:`\\log_{10} \\kappa` of the
+    finite κ.
+
+    Args:
+        table (KappaTable): the κ table to draw (not empty).
+        selected (Iterable[str], optional): names in ``table`` to frame in red and stack in red on
+            the histogram. Default: ``()`` (none).
+        path (str or os.PathLike, optional): where to save the image; its suffix (``.png``,
+            ``.pdf``, ``.svg``, …) gives the format. Default: ``None`` (not saved).
+        title (str, optional): a title above the figure. Default: ``None``.
+        dpi (int, optional): dots per inch, from 20 to 1200. Default: ``100``.
+
+    Raises:
+        ValueError: an empty table, a ``dpi`` out of range, a suffix matplotlib cannot write, or a
+            selected name not in ``table``.
+        ImportError: matplotlib not installed.
 
     Example::
 

@@ -76,6 +76,9 @@ def is_quantized_param(p: torch.Tensor) -> bool:
     bitsandbytes parameter that still holds a float weight (``Params4bit`` before quantization,
     ``Int8Params`` with ``has_fp16_weights=True``) is not quantized; an unknown bitsandbytes
     parameter class counts as quantized when its data is not floating point.
+
+    Args:
+        p (Tensor): a parameter (any tensor; ``False`` for everything that is not bitsandbytes').
     """
     if not _from_bnb(p):
         return False

@@ -83,8 +83,8 @@ def default_layout(name: str, shape: Sequence[int], *, conv: Optional[bool] = No
             unknown, as in a checkpoint).
 
     Returns:
-        ``"flatten"``, or ``"auto"`` (which :func:`resolve_layout` turns into ``"matrix"`` for
-        2-D and ``"stack"`` for 3-D).
+        str: ``"flatten"``, or ``"auto"`` (which :func:`resolve_layout` turns into ``"matrix"``
+            for 2-D and ``"stack"`` for 3-D).
     """
     if conv:
         return "flatten"
@@ -151,6 +151,9 @@ def clean_name(name: str) -> str:
 
     ``_fsdp_wrapped_module.model.layers.0.…`` → ``model.layers.0.…`` (FSDP1, activation
     checkpointing and ``torch.compile`` wrappers).
+
+    Args:
+        name (str): a dotted parameter name, e.g. from ``model.named_parameters()``.
     """
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
 

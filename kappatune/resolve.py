@@ -45,6 +45,9 @@ class Selection:
         table (KappaTable): the table behind the choice (the whole scan, or the entries of the
             explicit names).
         policy (Optional[SelectionPolicy]): the policy applied (``None`` for explicit names).
+            Default: ``None``.
+        skipped (Dict[str, str]): each parameter that was not a candidate and why (``"ndim<2"``,
+            ``"max_dim"``, ``"excluded"``, …), as :attr:`KappaTable.skipped`. Default: ``{}``.
     """
 
     names: List[str]

@@ -170,7 +170,7 @@ class SelectionPolicy:
 
         Returns:
             Optional[SelectionPolicy]: the policy; ``None`` with ``names=``, when nothing is given
-            and not ``required``, or when ``default`` applies.
+                and not ``required``, or when ``default`` applies.
 
         Raises:
             TypeError: an unknown option, or ``policy`` that is not a :class:`SelectionPolicy`.
@@ -360,6 +360,12 @@ class FreezeHandle:
     """Returned by :func:`freeze_all_but`; :meth:`restore` puts every ``requires_grad`` back.
 
     Also a context manager: ``with freeze_all_but(model, names): ...`` restores on exit.
+
+    Args:
+        saved (List[Tuple[nn.Parameter, bool]]): each distinct parameter of the model with its
+            ``requires_grad`` before the freeze, the flags :meth:`restore` puts back.
+        trainable (List[str]): the names left trainable, in the order given (kept as
+            ``self.trainable``).
     """
 
     def __init__(self, saved: List[Tuple[nn.Parameter, bool]], trainable: List[str]) -> None:
@@ -368,6 +374,7 @@ class FreezeHandle:
         self.restored = False
 
     def restore(self) -> None:
+        """Put back every parameter's ``requires_grad`` as it was before the freeze (idempotent)."""
         for p, flag in self._saved:
             p.requires_grad_(flag)
         self.restored = True
@@ -387,6 +394,18 @@ def freeze_all_but(model: nn.Module, names: Iterable[str]) -> FreezeHandle:
 
     Names may be any alias of a tied parameter. Unknown names raise :class:`ValueError` before
     anything is changed.
+
+    Args:
+        model (nn.Module): the model whose parameters are frozen in place.
+        names (Iterable[str]): the parameter names (as in ``model.named_parameters()``) left
+            trainable; repeats are ignored.
+
+    Returns:
+        FreezeHandle: restores every ``requires_grad`` flag as it was, by
+            :meth:`FreezeHandle.restore` or on leaving a ``with`` block.
+
+    Raises:
+        ValueError: a name that is not a parameter of ``model`` (the closest match suggested).
     """
     wanted = list(dict.fromkeys(names))
     all_named = dict(model.named_parameters(remove_duplicate=False))

@@ -83,6 +83,31 @@ class KappaEntry:
     holds κ) or ``"snr"`` (``snr`` holds Spectrum's SNR and ``kappa`` is NaN: an SNR scan does not
     compute κ). ``per_matrix`` holds the per-matrix values of that score for a stacked 3-D
     parameter (one per expert).
+
+    Attributes:
+        name (str): the parameter's name.
+        kappa (float): :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}` (``inf`` for a rank-deficient
+            matrix; for a stack the aggregate, mean or max, of ``per_matrix``); NaN in an SNR entry.
+        shape (Tuple[int, ...]): the tensor's shape.
+        numel (int): its number of elements, :math:`\\prod_i \\text{shape}_i`.
+        dtype (str): its dtype name, e.g. ``"bfloat16"``.
+        layout (str, optional): how it was read as matrices: ``"matrix"``, ``"flatten"`` or
+            ``"stack"`` (:mod:`kappatune.refs`). Default: ``"matrix"``.
+        sigma_max (float, optional): the largest singular value :math:`\\sigma_{\\max}` (over the
+            stack). Default: NaN (unknown).
+        sigma_min (float, optional): the smallest singular value :math:`\\sigma_{\\min}` (over the
+            stack; NaN in an SNR entry). Default: NaN (unknown).
+        per_matrix (Tuple[float, ...], optional): the score of each matrix of a ``"stack"``.
+            Default: ``None`` (a single matrix).
+        digest (str, optional): the content digest the κ cache keys it by
+            (:func:`kappatune.cache.tensor_digest`). Default: ``None`` (not computed).
+        snr (float, optional): Spectrum's SNR, :math:`\\text{signal}/\\text{noise}/\\sigma_{\\max}`
+            (:func:`kappatune.kappa.snr_of`), in an SNR entry. Default: NaN (a κ entry).
+        score (str, optional): the field the entry is ranked by, a key of :data:`SCORES`.
+            Default: ``"kappa"``.
+
+    Raises:
+        ValueError: ``score`` not a key of :data:`SCORES`.
     """
 
     name: str
@@ -120,6 +145,8 @@ class KappaEntry:
         return layer_index(self.name)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The entry as strict-JSON values: ``inf``/NaN as the strings ``"inf"``/``"nan"``, the shape
+        and ``per_matrix`` as lists; ``snr`` and ``score`` only for an SNR entry (or a known SNR)."""
         enc = encode_float
         d = {
             "name": self.name, "kappa": enc(self.kappa), "shape": list(self.shape), "numel": self.numel,
@@ -134,6 +161,17 @@ class KappaEntry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KappaEntry":
+        """The inverse of :meth:`to_dict`.
+
+        Args:
+            d (Mapping[str, Any]): a dict from :meth:`to_dict` (``name``, ``kappa``, ``shape`` and
+                ``numel`` required; the other fields take their defaults when absent).
+
+        Raises:
+            KeyError: a required field missing.
+            ValueError: a value that is not a number nor ``"inf"``/``"-inf"``/``"nan"``, or an unknown
+                ``score``.
+        """
         pm = d.get("per_matrix")
         return cls(
             name=str(d["name"]), kappa=decode_float(d["kappa"]), shape=tuple(int(s) for s in d["shape"]),
@@ -265,6 +303,8 @@ class KappaTable(Sequence[KappaEntry]):
 
     # -- serialisation -----------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
+        """``{"entries": [...], "skipped": {...}}`` in strict JSON values (:meth:`KappaEntry.to_dict`),
+        best first, with ``"score"`` for a table of another score than κ."""
         d: Dict[str, Any] = {"entries": [e.to_dict() for e in self._entries], "skipped": dict(self.skipped)}
         if self._score.name != "kappa":  # a κ table is written as before
             d["score"] = self._score.name
@@ -272,11 +312,27 @@ class KappaTable(Sequence[KappaEntry]):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KappaTable":
+        """The inverse of :meth:`to_dict`.
+
+        Args:
+            d (Mapping[str, Any]): a dict from :meth:`to_dict` (``"skipped"`` and ``"score"`` optional).
+
+        Raises:
+            KeyError: no ``"entries"``, or an entry without a required field.
+            ValueError: as :class:`KappaTable` and :meth:`KappaEntry.from_dict`.
+        """
         return cls([KappaEntry.from_dict(e) for e in d["entries"]], d.get("skipped") or {},
                    score=d.get("score"))
 
     def subset(self, names: Iterable[str]) -> "KappaTable":
-        """A table of only ``names`` (each must be present), of the same score."""
+        """A table of only ``names`` (each must be present), of the same score.
+
+        Args:
+            names (Iterable[str]): names of entries of this table.
+
+        Raises:
+            KeyError: a name not in the table.
+        """
         return KappaTable([self[n] for n in names], score=self._score.name)
 
     # -- selection ---------------------------------------------------------------------

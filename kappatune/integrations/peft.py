@@ -73,6 +73,16 @@ class LoraTarget:
     ``kind`` is ``"module"`` (goes to ``target_modules``) or ``"parameter"`` (a fused 3-D expert
     stack, goes to ``target_parameters``); ``param`` is the parameter analysed (its name in the
     κ table; for a tied ``lm_head`` the embedding's name); ``numel`` its size.
+
+    Attributes:
+        name (str): the target's name: a module path (``kind="module"``) or a parameter name
+            (``kind="parameter"``).
+        kind (str): ``"module"`` or ``"parameter"``.
+        param (str): the parameter analysed, its name in the κ table.
+        kappa (float): κ of that parameter, :math:`\\sigma_{\\max}/\\sigma_{\\min}` (for an expert
+            stack the aggregate over its matrices).
+        numel (int): its number of elements.
+        shape (Tuple[int, ...]): its shape.
     """
 
     name: str
@@ -135,14 +145,17 @@ def kappa_lora_targets(
     """Every candidate LoRA target of ``model`` with its κ, lowest κ first (ties by name).
 
     Args:
-        model: the (possibly 4-bit / 8-bit quantized) base model.
-        max_dim_size_to_analyze: skip weights with a matrix side longer than this (as PEFT);
-            ``None`` analyses all.
-        moe_param_suffixes: name endings of fused 3-D expert parameters
-            (default :data:`DEFAULT_MOE_PARAM_SUFFIXES`).
-        show_progress: a progress bar during the scan.
-        table: a :class:`~kappatune.KappaTable` from an earlier :func:`kappatune.scan` of this
-            model to take κ from instead of scanning (targets whose weight it lacks are left out).
+        model (nn.Module): the (possibly 4-bit / 8-bit quantized) base model.
+        max_dim_size_to_analyze (int, optional): skip weights with a matrix side longer than this
+            (as PEFT); ``None`` analyses all. Default: :data:`~kappatune.refs.DEFAULT_MAX_DIM`
+            (16384).
+        moe_param_suffixes (Sequence[str], optional): name endings of fused 3-D expert parameters.
+            Default: ``None`` (``(".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj")``).
+        show_progress (bool, optional): a progress bar during the scan (on a terminal only).
+            Default: ``True``.
+        table (KappaTable, optional): a :class:`~kappatune.KappaTable` from an earlier
+            :func:`kappatune.scan` of this model to take κ from instead of scanning (targets whose
+            weight it lacks are left out). Default: ``None`` (scan).
         cache (bool, None, str, PathLike or KappaCache): the κ cache, as in
             :func:`kappatune.scan` (default ``True``: the default cache).
         recompute (bool): ignore cached κ values (default ``False``).
@@ -152,6 +165,11 @@ def kappa_lora_targets(
             ``None``).
         aggregate (str): ``"mean"`` or ``"max"`` over the experts of a fused 3-D parameter
             (default ``"mean"``).
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module``, or ``table`` not a :class:`~kappatune.KappaTable`.
+        ValueError: a ``table`` that holds none of the model's candidate weights, or invalid
+            ``moe_param_suffixes``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -288,6 +306,40 @@ def find_kappa_target_modules(
     Differences from PEFT, on purpose: κ is exact (float64, no ``+1e-8`` in the denominator, a
     rank-deficient weight gets ``κ = inf``), ties are broken by name, κ values are cached on disk
     by content, and transformers' ``Conv1D`` layers (GPT-2) are candidates too.
+
+    Args:
+        model (nn.Module): the (possibly 4-bit / 8-bit quantized) base model.
+        top_p (float, optional): per group, keep the :math:`\\max(1, \\lfloor n \\cdot p \\rfloor)`
+            lowest-κ of its :math:`n` members, :math:`0 < p \\le 1`; ``None`` with no other policy
+            keeps every target. Default: ``0.2``.
+        max_dim_size_to_analyze (int, optional): skip weights with a matrix side longer than this;
+            ``None`` analyses all. Default: :data:`~kappatune.refs.DEFAULT_MAX_DIM` (16384).
+        moe_param_suffixes (Tuple[str, ...], optional): name endings of fused 3-D expert
+            parameters. Default: ``None`` (``(".gate_up_proj", ".down_proj", ".gate_proj",
+            ".up_proj")``).
+        show_progress (bool, optional): a progress bar during the scan (on a terminal only).
+            Default: ``True``.
+        num_modules (int, optional): per group, the :math:`\\min(k, n)` lowest-κ members. Default:
+            ``None``.
+        threshold (float, optional): every member with :math:`\\kappa \\le t`. Default: ``None``.
+        param_budget (int or float, optional): both groups together, lowest κ first, every target
+            that still fits :math:`b` weights (a fraction :math:`0 < b \\le 1` of the candidates'
+            weights, or a count). Default: ``None``.
+        table (KappaTable, optional): κ from an earlier :func:`kappatune.scan` of this model
+            instead of scanning. Default: ``None`` (scan).
+        cache (bool, None, str, PathLike or KappaCache, optional): the κ cache, as in
+            :func:`kappatune.scan`. Default: ``True`` (the default cache).
+        recompute (bool, optional): ignore cached κ values. Default: ``False``.
+        include (None, str or sequence of str, optional): regexes (``re.search``) on the target
+            names a candidate must match. Default: ``None``.
+        exclude (None, str or sequence of str, optional): regexes that leave a candidate out.
+            Default: ``None``.
+        aggregate (str, optional): ``"mean"`` or ``"max"`` over the experts of a fused 3-D
+            parameter. Default: ``"mean"``.
+
+    Raises:
+        ValueError: more than one of ``num_modules``, ``threshold``, ``param_budget``, or a value
+            out of range (named in PEFT's spelling), and as :func:`kappa_lora_targets`.
     """
     policy = _peft_policy(top_p, num_modules, threshold, param_budget)
     targets = kappa_lora_targets(
@@ -350,6 +402,36 @@ def get_kappa_lora_config(
     ``lora_kwargs`` go to ``LoraConfig`` (e.g. ``bias``, ``use_dora``); the keyword-only
     arguments are those of :func:`kappa_lora_targets`.
 
+    Args:
+        model (nn.Module): the (possibly 4-bit / 8-bit quantized) base model.
+        num_modules_to_adapt (int, optional): how many targets, modules and expert stacks ranked
+            together, lowest κ first (all of them when there are fewer). Default: ``20``.
+        lora_rank (int, optional): ``LoraConfig``'s ``r``. Default: ``16``.
+        lora_alpha (int, optional): ``LoraConfig``'s ``lora_alpha`` (the update is scaled by
+            :math:`\\alpha / r`). Default: ``32``.
+        lora_dropout (float, optional): ``LoraConfig``'s ``lora_dropout``. Default: ``0.05``.
+        target_modules (List[str] or str, optional): explicit targets, used as they are (no κ
+            selection). Default: ``None`` (chosen by κ).
+        task_type (str or peft.TaskType, optional): ``LoraConfig``'s ``task_type``. Default:
+            ``"CAUSAL_LM"``.
+        max_dim_size_to_analyze (int, optional): as :func:`kappa_lora_targets`. Default:
+            :data:`~kappatune.refs.DEFAULT_MAX_DIM` (16384).
+        moe_param_suffixes (Tuple[str, ...], optional): as :func:`kappa_lora_targets`. Default:
+            ``None``.
+        show_progress (bool, optional): a progress bar during the scan. Default: ``True``.
+        table (KappaTable, optional): κ from an earlier scan instead of scanning. Default: ``None``.
+        cache (bool, None, str, PathLike or KappaCache, optional): the κ cache. Default: ``True``.
+        recompute (bool, optional): ignore cached κ values. Default: ``False``.
+        include (None, str or sequence of str, optional): regexes a target must match. Default:
+            ``None``.
+        exclude (None, str or sequence of str, optional): regexes that leave a target out. Default:
+            ``None``.
+        **lora_kwargs: passed to ``LoraConfig`` (a ``target_parameters`` given here is used as is,
+            like ``target_modules``).
+
+    Raises:
+        ValueError: ``num_modules_to_adapt`` not an int >= 1, or no LoRA target in the model.
+
     Example::
 
         >>> config = get_kappa_lora_config(model, num_modules_to_adapt=20, lora_rank=16)
@@ -394,6 +476,12 @@ def get_kappatune_lora_model(model: nn.Module, num_modules_to_adapt: int = 20, *
 
     For a 4-bit / 8-bit base (QLoRA), call ``peft.prepare_model_for_kbit_training(model)`` first
     as usual; κ is computed on the dequantized weights either way.
+
+    Args:
+        model (nn.Module): the base model, wrapped in place by PEFT.
+        num_modules_to_adapt (int, optional): how many lowest-κ targets get LoRA, as
+            :func:`get_kappa_lora_config`. Default: ``20``.
+        **lora_kwargs: the other arguments of :func:`get_kappa_lora_config`.
 
     Example::
 

@@ -157,7 +157,21 @@ class ForgettingCallback(TrainerCallback):
         self.at_start = at_start
 
     def measure(self, model: Any, optimizer: Any) -> Dict[str, float]:
-        """Measure now and log; returns the logged ``forgetting/…`` values."""
+        r"""Measure now and log; returns the logged ``forgetting/…`` values.
+
+        The values are those of :func:`kappatune.measure_forgetting` (token counts left out), e.g.
+        ``forgetting/control_loss_change`` :math:`= L_{\mathrm{control}}(\theta) -
+        L_{\mathrm{control}}(\theta_0)` and ``forgetting/task_kl``, the mean per-token
+        :math:`\mathrm{KL}(p_{\theta_0} \| p_\theta)` on the task batches, in nats.
+
+        Args:
+            model (nn.Module): the model being trained.
+            optimizer (Any): the Trainer's optimizer: a :class:`~kappatune.KappaTuneOptimizer`,
+                or a wrapper of one (accelerate's ``AcceleratedOptimizer``).
+
+        Raises:
+            TypeError: ``optimizer`` holds no :class:`~kappatune.KappaTuneOptimizer`.
+        """
         opt = _kappatune_optimizer(optimizer)
         if opt is None:
             raise TypeError("ForgettingCallback needs the Trainer's optimizer to be a KappaTuneOptimizer (it provides "
@@ -169,9 +183,27 @@ class ForgettingCallback(TrainerCallback):
         return logs
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The Trainer's hook at the start of training: :meth:`measure` when ``at_start`` and at
+        step 0 (not when resuming from a checkpoint).
+
+        Args:
+            args (transformers.TrainingArguments): the Trainer's arguments (unused).
+            state (transformers.TrainerState): its state; ``state.global_step`` is read.
+            control (transformers.TrainerControl): its control flags (unused).
+            **kwargs: the Trainer's ``model`` and ``optimizer`` among others.
+        """
         if self.at_start and state.global_step == 0:
             self.measure(kwargs["model"], kwargs.get("optimizer"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The Trainer's hook after each optimizer step: :meth:`measure` when ``state.global_step``
+        is a multiple of ``every_n_steps``.
+
+        Args:
+            args (transformers.TrainingArguments): the Trainer's arguments (unused).
+            state (transformers.TrainerState): its state; ``state.global_step`` is read.
+            control (transformers.TrainerControl): its control flags (unused).
+            **kwargs: the Trainer's ``model`` and ``optimizer`` among others.
+        """
         if state.global_step % self.every_n_steps == 0:
             self.measure(kwargs["model"], kwargs.get("optimizer"))
