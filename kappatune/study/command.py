@@ -48,7 +48,17 @@ def _pos_int(s: str) -> int:
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
-    """Add ``study`` to the ``kappatune`` sub-command parsers ``sub``; returns its parser."""
+    """Add the ``study`` sub-command to the ``kappatune`` command's parser.
+
+    Args:
+        sub (argparse._SubParsersAction): the ``kappatune`` parser's sub-command parsers (what
+            ``ArgumentParser.add_subparsers`` returns).
+        parents (sequence of argparse.ArgumentParser, optional): parsers whose options ``study`` shares
+            (passed as argparse's ``parents``). Default: ``()``.
+
+    Returns:
+        argparse.ArgumentParser: the ``study`` parser, its options added.
+    """
     sp = sub.add_parser(
         "study", parents=list(parents), help="measure forgetting: learning–forgetting frontiers of fine-tuning arms",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -122,7 +122,18 @@ class Arm:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Arm":
-        """An arm from :meth:`to_dict`'s values (validated)."""
+        """An arm from :meth:`to_dict`'s values (validated).
+
+        Args:
+            d (mapping): ``name``, ``kind`` and ``lrs``, and optionally ``decays``, ``weight_decay``,
+                ``schedule`` and ``names`` (missing or ``None``: the default of :class:`Arm`).
+
+        Returns:
+            Arm: the arm, validated (:meth:`validate`).
+
+        Raises:
+            StudyConfigError: a missing or malformed value, or one the study cannot run.
+        """
         try:
             arm = cls(name=str(d["name"]), kind=str(d["kind"]), lrs=tuple(float(x) for x in d["lrs"]),
                       decays=tuple(float(x) for x in d.get("decays") or (0.0,)),
@@ -489,7 +500,17 @@ class StudyConfig:
         return c
 
     def arm(self, name: str) -> Arm:
-        """The arm called ``name``."""
+        """The arm called ``name``.
+
+        Args:
+            name (str): the arm's name (:attr:`Arm.name`, e.g. ``kappa_low+decay``).
+
+        Returns:
+            Arm: the first arm of :attr:`arms` with that name.
+
+        Raises:
+            KeyError: no arm of the study has that name (the message lists the arms).
+        """
         for a in self.arms:
             if a.name == name:
                 return a
@@ -601,7 +622,22 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "study file") -> "StudyConfig":
-        """A config from :meth:`to_dict`'s values; one-line errors naming ``source``."""
+        """A config from :meth:`to_dict`'s values, resolved (:meth:`resolved`).
+
+        Args:
+            d (mapping): a study file's content: ``format`` (``"kappatune-study"``), ``version`` (at
+                most this kappatune's) and any fields of :class:`StudyConfig` (a missing one takes its
+                default).
+            source (str, optional): what ``d`` came from, the start of every error message (e.g. the
+                file's path). Default: ``"study file"``.
+
+        Returns:
+            StudyConfig: the study, with its defaults filled in and every value validated.
+
+        Raises:
+            StudyConfigError: another format, a newer version, an unknown setting, or a malformed or
+                invalid value (one line naming ``source`` and the setting).
+        """
         if not isinstance(d, Mapping) or d.get("format") != FORMAT:
             raise StudyConfigError(f"{source}: not a kappatune study file (format {FORMAT!r} expected)")
         if not isinstance(d.get("version"), int) or d["version"] > VERSION:
@@ -681,7 +717,18 @@ def differences(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 
 
 
 def load_study(path: "str | Path") -> StudyConfig:
-    """Read a study file (``study.json``) with one-line errors naming it."""
+    """Read a study file (``study.json``) with one-line errors naming it.
+
+    Args:
+        path (str or Path): a study file (written with ``--save-study``), or a results folder's
+            ``study.json`` (its ``study`` section is read).
+
+    Returns:
+        StudyConfig: the study, resolved (:meth:`StudyConfig.from_dict`).
+
+    Raises:
+        StudyConfigError: a file that is missing, unreadable, not JSON, or not a valid study.
+    """
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))

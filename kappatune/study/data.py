@@ -362,11 +362,17 @@ def build_data(tokenizer: Any, corpora: Mapping[str, Corpus], cfg: Any,
     corpus, not its first files).
 
     Args:
-        tokenizer: a Hugging Face tokenizer (called with ``add_special_tokens=False``).
+        tokenizer (transformers.PreTrainedTokenizerBase): a Hugging Face tokenizer (called with
+            ``add_special_tokens=False``).
         corpora (mapping of str to Corpus): ``task``, ``control`` and optionally ``task2``.
         cfg (StudyConfig): ``seq_len``, ``batch``, ``steps``, ``curve_windows``, ``final_windows``,
             ``held_out``, ``data_seed``, ``task2_steps``.
         log (callable, optional): receives one progress line. Default: nothing.
+
+    Returns:
+        StudyData: the training pools (the task's, and the second task's when it is on) and the
+            held-out windows ``task_curve``, ``task_final``, ``control_curve``, ``control_final`` (and
+            ``task2_curve``, ``task2_final``).
 
     Raises:
         CorpusError: a corpus too small for the windows asked.

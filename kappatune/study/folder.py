@@ -260,7 +260,14 @@ class ResultsFolder:
         return self.path / "claims"
 
     def run_path(self, run_id: str) -> Path:
-        """``runs/<run_id>.json``."""
+        """Where the run file of a run is (whether or not it exists).
+
+        Args:
+            run_id (str): the run's id (:attr:`~kappatune.study.plan.RunSpec.run_id`).
+
+        Returns:
+            Path: ``runs/<run_id>.json`` in the folder.
+        """
         return self.runs_dir / f"{run_id}.json"
 
     # -- the study file and the fingerprints -----------------------------------------------------
@@ -341,7 +348,19 @@ class ResultsFolder:
         return man
 
     def create(self, study: Mapping[str, Any], fingerprints: Mapping[str, Any], extra: Mapping[str, Any]) -> bool:
-        """Write ``study.json`` once (another worker may have just written it: then ``False``)."""
+        """Write ``study.json`` once, creating the folder if needed; an existing file is never replaced.
+
+        Args:
+            study (mapping): the study file's content (:meth:`StudyConfig.to_dict`), stored under ``study``.
+            fingerprints (mapping): ``model``, ``corpora`` (``{role: fingerprint}``) and ``windows``,
+                what :meth:`check` compares a later command with.
+            extra (mapping): further top-level keys (the analysis and settings fingerprints, the
+                command, the kappatune version, the corpora's descriptions, …).
+
+        Returns:
+            bool: ``True`` when this call wrote the file, ``False`` when it already existed (another
+                worker may have just written it: read it with :meth:`manifest` and :meth:`check` it).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         man = {"format": "kappatune-study-folder", "version": 1, "study": dict(study),
                "fingerprints": dict(fingerprints), **dict(extra)}
@@ -353,8 +372,20 @@ class ResultsFolder:
         self.claims_dir.mkdir(parents=True, exist_ok=True)
 
     def read_checked(self, name: str, check: Callable[[Any], Optional[str]]) -> Any:
-        """The content of ``name``, after ``check(content)`` (a message when it does not belong to this
-        study: then :class:`FolderError`)."""
+        """The content of a JSON file of the folder, checked to belong to this study.
+
+        Args:
+            name (str): the file, relative to the folder (e.g. ``base.json``).
+            check (callable): ``check(content)`` returns a message when the content does not belong to
+                this study (e.g. other fingerprints), ``None`` when it does.
+
+        Returns:
+            Any: the file's JSON value.
+
+        Raises:
+            FolderError: a file that is missing, unreadable or not JSON, or one ``check`` refuses (its
+                message, and the fix).
+        """
         p = self.path / name
         d = read_json(p)
         why = check(d)
@@ -363,8 +394,21 @@ class ResultsFolder:
         return d
 
     def write_once(self, name: str, obj: Any, check: Callable[[Any], Optional[str]]) -> Any:
-        """Write ``obj`` to ``name`` unless it exists; return what the file holds (ours or an earlier
-        worker's), after ``check(existing)`` (a message when it does not belong to this study)."""
+        """Write ``obj`` to a JSON file of the folder unless the file exists (atomically, never replacing
+        one another worker wrote first).
+
+        Args:
+            name (str): the file, relative to the folder (e.g. ``selections.json``).
+            obj (Any): the JSON-able value to write.
+            check (callable): applied to an existing file's content (:meth:`read_checked`): a message
+                when it does not belong to this study, ``None`` when it does.
+
+        Returns:
+            Any: what the file holds: ``obj`` when this call wrote it, else the earlier worker's content.
+
+        Raises:
+            FolderError: an existing file that cannot be read or that ``check`` refuses.
+        """
         p = self.path / name
         if atomic_write_json(p, obj, exclusive=True):
             return obj
@@ -387,7 +431,16 @@ class ResultsFolder:
             os.close(fd)                           # closing the descriptor releases the lock
 
     def read_claim(self, run_id: str) -> Dict[str, Any]:
-        """A claim file's content; ``{}`` when missing; ``{"torn": True}`` when unreadable."""
+        """The content of a run's claim file.
+
+        Args:
+            run_id (str): the run's id.
+
+        Returns:
+            dict: the claim (``run_id``, ``pid``, ``host``, ``token``, ``started``, ``heartbeat``);
+                ``{}`` when there is no claim file; ``{"torn": True}`` when it cannot be read or is
+                not a JSON object.
+        """
         p = self.claims_dir / f"{run_id}.claim"
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
@@ -398,9 +451,18 @@ class ResultsFolder:
         return d if isinstance(d, dict) else {"torn": True}
 
     def claim_stale(self, claim: Mapping[str, Any], path: Optional[Path] = None) -> bool:
-        """Whether ``claim`` may be taken over: its process is gone (this host), or its heartbeat is
-        older than :attr:`stale_after` (a hung worker, a reused pid, another host). A torn file
-        counts by its modification time."""
+        """Whether a claim may be taken over: its process is gone (this host), or its heartbeat is
+        older than ``stale_after`` seconds (a hung worker, a reused pid, another host).
+
+        Args:
+            claim (mapping): the claim's content (:meth:`read_claim`).
+            path (Path, optional): the claim file; a torn or empty claim is stale when the file's
+                modification time is older than ``stale_after`` seconds, or the file is gone.
+                Default: ``None`` (a torn or empty claim is stale).
+
+        Returns:
+            bool: ``True`` when the claim may be taken over.
+        """
         now = time.time()
         if claim.get("torn") or not claim:
             try:
@@ -416,10 +478,17 @@ class ResultsFolder:
         return old
 
     def claim(self, run_id: str) -> Optional[Claim]:
-        """Claim ``run_id`` for this worker, or ``None`` when another live worker holds it.
+        """Claim a run for this worker.
 
         The claim is written to a temporary name and hard-linked into place (exclusive); a stale claim
         (:meth:`claim_stale`) is moved aside and the link retried.
+
+        Args:
+            run_id (str): the run's id.
+
+        Returns:
+            Claim or None: the claim (release it, or use it as a context manager), ``None`` when another
+                live worker holds the run.
         """
         self.claims_dir.mkdir(parents=True, exist_ok=True)
         path = self.claims_dir / f"{run_id}.claim"
@@ -453,7 +522,17 @@ class ResultsFolder:
 
     # -- runs ------------------------------------------------------------------------------------
     def run_problem(self, run_id: str, d: Any) -> Optional[str]:
-        """Why the content ``d`` of a run file cannot be used (``None``: it can)."""
+        """Why the content of a run file cannot be used: not a JSON object, a missing key of
+        :data:`RUN_REQUIRED`, another run's id, a missing or malformed curve (each point needs ``step``,
+        ``task_curve_pw`` and ``control_curve_pw``), or no final evaluation.
+
+        Args:
+            run_id (str): the run the file is named after.
+            d (Any): the file's JSON value.
+
+        Returns:
+            str or None: the reason, ``None`` when the run can be used.
+        """
         if not isinstance(d, dict):
             return f"holds a JSON {type(d).__name__}, not a run object"
         missing = [k for k in RUN_REQUIRED if k not in d]
@@ -509,8 +588,18 @@ class ResultsFolder:
         return runs, bad
 
     def set_aside(self, run_id: str) -> Optional[Path]:
-        """Move an unusable ``runs/<run_id>.json`` to ``runs/<run_id>.json.corrupt[-N]`` (kept, not
-        deleted); returns the new path."""
+        """Move an unusable run file aside (kept, never deleted): ``runs/<run_id>.json`` becomes
+        ``runs/<run_id>.json.corrupt``, or ``.corrupt-N`` with the first free ``N``.
+
+        Args:
+            run_id (str): the run's id.
+
+        Returns:
+            Path or None: the new path, ``None`` when there is no run file.
+
+        Raises:
+            FolderError: 1000 set-aside copies of the run already exist.
+        """
         src = self.run_path(run_id)
         if not src.exists():
             return None
@@ -522,7 +611,15 @@ class ResultsFolder:
         raise FolderError(f"{src}: too many set-aside copies; clean up {self.runs_dir}")
 
     def write_run(self, run: Mapping[str, Any]) -> Path:
-        """Write a finished run atomically (replacing an unusable file of the same run)."""
+        """Write a finished run atomically (replacing an unusable file of the same run).
+
+        Args:
+            run (mapping): the run's record, with at least the keys of :data:`RUN_REQUIRED`; written to
+                ``runs/<run["run_id"]>.json``.
+
+        Returns:
+            Path: the run file.
+        """
         p = self.run_path(run["run_id"])
         atomic_write_json(p, run)
         return p

@@ -8,7 +8,7 @@ value is read where its task curve *first* reaches :math:`L`, linearly interpola
 two evaluated points around the crossing (the endpoint of the forgetting study v2):
 
 .. math::  f(L) = D_{k-1} + \frac{T_{k-1} - L}{T_{k-1} - T_k}\,(D_k - D_{k-1}),
-           \qquad k = \min\{k : T_k \le L\},
+           \qquad k = \min\lbrace k : T_k \le L\rbrace,
 
 and the step at :math:`L` likewise; :math:`f(L)` is undefined (``nan``) when the run never reaches
 :math:`L`. Levels are declared as drops :math:`\delta` below the base model's task loss,
@@ -47,14 +47,45 @@ _CHUNK = 4096
 
 
 def run_points(run: Mapping[str, Any]) -> List[Mapping[str, Any]]:
-    """The evaluated points of a run's curve (point 0 = the untouched model), in step order."""
+    r"""The evaluated points of a run's curve (point 0 = the untouched model), in step order.
+
+    A point is evaluated when it holds per-window task losses. Point :math:`k`, with its losses
+    :math:`t_{k,i}` on the :math:`n_T` task windows and :math:`c_{k,i}` on the :math:`n_C` control
+    windows, gives the curve of the module docstring (:func:`replicate_curve` computes it):
+
+    .. math::  T_k = \frac{1}{n_T} \sum_{i=1}^{n_T} t_{k,i}, \qquad C_k = \frac{1}{n_C} \sum_{i=1}^{n_C} c_{k,i},
+               \qquad D_k = C_k - C_0.
+
+    Args:
+        run (mapping): a run file's content; its ``curve`` is a list of points, each with ``step``
+            and, when evaluated, ``task_curve_pw`` and ``control_curve_pw`` (per-window losses).
+
+    Returns:
+        list of mapping: the points of ``run["curve"]`` that hold ``task_curve_pw``, in their order
+            (point 0 first).
+    """
     return [p for p in run["curve"] if p.get("task_curve_pw") is not None]
 
 
 def blend_run_points(run: Mapping[str, Any]) -> List[Dict[str, Any]]:
     r"""The blend curve of a run, ordered by :math:`\alpha`: the untouched model (:math:`\alpha = 0`),
     each blend point, the trained model (:math:`\alpha = 1`, its last curve point); the point's
-    ``step`` is :math:`\alpha`. Empty when the run has no blend points."""
+    ``step`` is :math:`\alpha`. A blend point evaluates the weights
+
+    .. math::  W(\alpha) = W_0 + \alpha\,(W_1 - W_0)
+
+    (:math:`W_0` the untouched model's, :math:`W_1` the trained model's), so the curve runs from the
+    base model to the trained one and :func:`crossing_levels` reads it like a training curve.
+
+    Args:
+        run (mapping): a run file's content: its ``curve`` (:func:`run_points`) and ``blend``, a list of
+            points each with ``alpha``, ``task_curve_pw`` and ``control_curve_pw`` (``None`` or empty:
+            the run has no blend).
+
+    Returns:
+        list of dict: copies of the points with ``step`` set to :math:`\alpha`; empty when the run has
+            no blend points.
+    """
     if not run.get("blend"):
         return []
     pts = run_points(run)
@@ -76,7 +107,7 @@ def replicate_curve(points: Sequence[Mapping[str, Any]], Wt: Optional[np.ndarray
 
     Returns:
         tuple: ``T`` ``(R, K)`` task losses, ``D`` ``(R, K)`` Δcontrol (control loss − point 0's, per
-        replicate), ``steps`` ``(K,)``.
+            replicate), ``steps`` ``(K,)``.
     """
     tp = np.asarray([p["task_curve_pw"] for p in points], dtype=np.float64)        # (K, n)
     cp = np.asarray([p["control_curve_pw"] for p in points], dtype=np.float64)
@@ -106,7 +137,7 @@ def crossing_levels(T: np.ndarray, Y: np.ndarray, levels: np.ndarray) -> np.ndar
 
     Returns:
         numpy.ndarray: ``(R, n)``; ``nan`` where a curve never reaches a level; a curve that starts at
-        or below a level gives its point 0.
+            or below a level gives its point 0.
     """
     T = np.asarray(T, dtype=np.float64)
     Y = np.broadcast_to(np.asarray(Y, dtype=np.float64), T.shape)
@@ -144,7 +175,21 @@ def envelope(values: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def envelope_index(values: Sequence[np.ndarray]) -> np.ndarray:
-    """Which run gives the envelope at each element (the first on a tie); ``-1`` where none has a value."""
+    r"""Which run gives the envelope at each element (the first on a tie); ``-1`` where none has a value.
+
+    With :math:`v_r(x)` run :math:`r`'s value at element :math:`x` and :math:`E(x)` the envelope
+    (:func:`envelope`, the minimum over the runs that have a value),
+
+    .. math::  i(x) = \min\lbrace r : v_r(x) = E(x)\rbrace.
+
+    Args:
+        values (sequence of numpy.ndarray): one array per run, all the same shape (e.g. Δcontrol at
+            each level), ``nan`` where a run has no value (it does not reach the level).
+
+    Returns:
+        numpy.ndarray: integer indices into ``values``, of the shape of one of its arrays; ``-1``
+            where every run is ``nan``.
+    """
     arr = np.stack([np.asarray(v, dtype=np.float64) for v in values])
     filled = np.where(np.isnan(arr), np.inf, arr)
     idx = np.argmin(filled, axis=0)
@@ -165,8 +210,8 @@ def mean_over_range(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
     Returns:
         numpy.ndarray: ``(R,)``
-        :math:`\frac{1}{\delta_n - \delta_1}\sum_i \frac{(v_i + v_{i+1})(\delta_{i+1} - \delta_i)}{2}`;
-        ``nan`` for a row with any ``nan`` (the envelope does not cover the range).
+            :math:`\frac{1}{\delta_n - \delta_1}\sum_i \frac{(v_i + v_{i+1})(\delta_{i+1} - \delta_i)}{2}`;
+            ``nan`` for a row with any ``nan`` (the envelope does not cover the range).
     """
     v = np.asarray(values, dtype=np.float64)
     g = np.asarray(grid, dtype=np.float64)
@@ -176,7 +221,22 @@ def mean_over_range(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def area_between(a: np.ndarray, b: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    r"""Area between two envelopes over the range: :math:`\int (E_a - E_b)\,d\delta` (nats²; positive
-    when ``a`` forgets more), ``(R,)``; ``nan`` where either does not cover the range."""
+    r"""Area between two envelopes over the range of drops ``grid`` (nats²; positive when ``a`` forgets
+    more):
+
+    .. math::  \int_{\delta_1}^{\delta_n} (E_a - E_b)\,d\delta = (\delta_n - \delta_1)\,(\bar E_a - \bar E_b),
+
+    with :math:`\bar E` an envelope's trapezoid-rule mean over the range (:func:`mean_over_range`).
+
+    Args:
+        a (numpy.ndarray): ``(R, n)`` the first envelope :math:`E_a` at the drops ``grid``, one row per
+            bootstrap replicate.
+        b (numpy.ndarray): ``(R, n)`` the second envelope :math:`E_b`, likewise.
+        grid (numpy.ndarray): ``(n,)`` drops :math:`\delta_1 < \dots < \delta_n` (:func:`range_grid`).
+
+    Returns:
+        numpy.ndarray: ``(R,)`` areas; ``nan`` where either envelope does not cover the range (a
+            ``nan`` in its row).
+    """
     g = np.asarray(grid, dtype=np.float64)
     return (mean_over_range(a, g) - mean_over_range(b, g)) * (g[-1] - g[0])

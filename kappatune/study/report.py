@@ -212,8 +212,8 @@ def analyse(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mappi
 
     Returns:
         dict: ``arms`` (per arm: per-seed envelope values at each endpoint, the grid point giving the
-        envelope, steps), ``comparisons`` (``{"endpoint|a/b": …}``), ``bootstrap`` (the replicates
-        used and whether the verdicts are stable), ``point`` (the same endpoints without resampling).
+            envelope, steps), ``comparisons`` (``{"endpoint|a/b": …}``), ``bootstrap`` (the replicates
+            used and whether the verdicts are stable), ``point`` (the same endpoints without resampling).
     """
     point = _endpoint_values(cfg, runs, base, None, None)
     nt, nc = len(base["task_curve_pw"]), len(base["control_curve_pw"])
@@ -420,7 +420,26 @@ def _task2_lines(cfg: StudyConfig, T: Mapping[str, Any], desc: str) -> List[str]
 def summary(cfg: StudyConfig, A: Mapping[str, Any], base: Mapping[str, Any], runs: Mapping[str, Any],
             manifest: Mapping[str, Any], sel: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The content of ``summary.json`` (strict JSON: non-finite values are ``null``); with a second
-    task, its measures under ``task2`` (:func:`task2_summary`)."""
+    task, its measures under ``task2`` (:func:`task2_summary`).
+
+    Args:
+        cfg (StudyConfig): the study (resolved).
+        A (mapping): :func:`analyse`'s result (``arms``, ``comparisons``, ``bootstrap``).
+        base (mapping): ``base.json``'s content; its per-window losses (``*_pw``) and ``eval_wall_s``
+            are left out.
+        runs (mapping): the finished runs, ``{run_id: run}`` (their count, the missing ones, the compute
+            they took).
+        manifest (mapping): ``study.json``'s content: its ``fingerprints``, and the analysis fingerprint
+            the study was started with (``analysis_amended`` when it is not ``cfg``'s).
+        sel (mapping or None): ``selections.json``'s content (its ``reference_params``), ``None`` when
+            the folder has none.
+
+    Returns:
+        dict: ``format``, ``version``, ``status`` (evidence or smoke test), ``study``, ``fingerprints``,
+            ``analysis_amended``, ``base``, ``arms``, ``comparisons``, ``bootstrap``,
+            ``reference_params``, ``runs`` (finished, planned, missing), ``compute`` and, with a second
+            task, ``task2``.
+    """
     done, total, missing = _status(cfg, runs)
     extra = {"task2": task2_summary(cfg, runs, base)} if cfg.task2 else {}
     return finite({
@@ -636,11 +655,24 @@ def _curve_on(deltas: np.ndarray, pts: Sequence[Mapping[str, Any]], bt: float) -
 
 def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any],
                 A: Mapping[str, Any]) -> List[Path]:
-    """``frontier.png`` (per arm: every run's curve, each seed's envelope, the mean envelope over seeds
-    where every seed reaches the level, with the band of the seeds' range) and ``levels.png`` (Δcontrol on the envelope at each level, t-intervals over seeds; in
-    its second panel, the steps the envelope's run needs to reach each level); with a second task,
+    """Draw the plots of a study: ``frontier.png`` (per arm: every run's curve, each seed's envelope,
+    the mean envelope over seeds where every seed reaches the level, with the band of the seeds'
+    range) and ``levels.png`` (Δcontrol on the envelope at each level, t-intervals over seeds; in its
+    second panel, the steps the envelope's run needs to reach each level); with a second task,
     ``task2.png`` (the task-1, control and task-2 losses of every run through both tasks). matplotlib
-    is imported here."""
+    is imported here.
+
+    Args:
+        out (Path): the folder the files are written to (atomically; an existing plot is replaced).
+        cfg (StudyConfig): the study (resolved): its arms, seeds, levels and title.
+        runs (mapping): the finished runs, ``{run_id: run}``.
+        base (mapping): ``base.json``'s content (the base model's task loss, which the drops are
+            measured from).
+        A (mapping): :func:`analyse`'s result (Δcontrol and steps at each level, per arm).
+
+    Returns:
+        list of Path: the files written, in the order above.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

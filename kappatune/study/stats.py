@@ -79,7 +79,7 @@ def crossing(task: Sequence[float], other: Sequence[float], level: float,
 
     Returns:
         ``(other at level, step at level)``, or ``None`` when the curve never reaches ``level``. A
-        curve that starts at or below ``level`` returns point 0.
+            curve that starts at or below ``level`` returns point 0.
     """
     steps = list(range(len(task))) if steps is None else list(steps)
     for k, t in enumerate(task):
@@ -103,7 +103,7 @@ def crossing_batch(task: np.ndarray, other: np.ndarray, level: Any) -> np.ndarra
 
     Returns:
         numpy.ndarray: ``(B,)`` values of ``other`` at the first crossing, ``nan`` where a curve never
-        reaches its level.
+            reaches its level.
     """
     task = np.asarray(task, dtype=np.float64)
     other = np.asarray(other, dtype=np.float64)
@@ -143,7 +143,7 @@ def window_weights(n: int, B: int, rng: np.random.Generator) -> np.ndarray:
 
     Returns:
         numpy.ndarray: ``(B + 1, n)`` weights; row 0 is the identity (every window once), the point
-        estimate.
+            estimate.
     """
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=B).astype(np.float64) / n
     return np.vstack([np.full((1, n), 1.0 / n), w])
@@ -153,7 +153,7 @@ def resampled_level(weights: np.ndarray, base_per_window: Sequence[float], level
     r"""A level defined on a reference run's loss (e.g. :math:`L^* = \text{base} - \Delta`) under each
     replicate's window weights.
 
-    .. math::  L^*_b = L^* + (W_b - W_0)\,\ell_{\text{base}},
+    .. math::  L^\ast_b = L^\ast + (W_b - W_0)\,\ell_{\text{base}},
 
     so row 0 is exactly ``level`` and each replicate moves the level with its own resampled base loss
     (a level fixed at the full-sample value would turn window noise into endpoint noise).
@@ -247,10 +247,10 @@ def paired_bootstrap(arm: Mapping[int, np.ndarray], ref: Mapping[int, np.ndarray
 
     Returns:
         dict: ``seeds`` (the paired seeds: both runs have a point value), ``diffs`` (per-seed point
-        differences), ``mean_diff``, ``ci95`` ``[lo, hi]``, ``ci95_mc_se`` ``[se_lo, se_hi]``,
-        ``p``, ``p_at_floor``, ``p_mc_se``, ``se``, ``t_ci95`` (the paired-t interval over seeds,
-        :func:`t_interval`), ``valid`` (fraction of replicates kept) and ``kept`` (their number).
-        With fewer than 2 paired seeds only the point values; the bootstrap values stay ``None``.
+            differences), ``mean_diff``, ``ci95`` ``[lo, hi]``, ``ci95_mc_se`` ``[se_lo, se_hi]``,
+            ``p``, ``p_at_floor``, ``p_mc_se``, ``se``, ``t_ci95`` (the paired-t interval over seeds,
+            :func:`t_interval`), ``valid`` (fraction of replicates kept) and ``kept`` (their number).
+            With fewer than 2 paired seeds only the point values; the bootstrap values stay ``None``.
     """
     seeds = sorted(s for s in arm if s in ref and np.isfinite(arm[s][0]) and np.isfinite(ref[s][0]))
     diffs = [float(arm[s][0] - ref[s][0]) for s in seeds]
@@ -439,10 +439,10 @@ def paired_t(diffs: Sequence[float]) -> Dict[str, Any]:
 
     Returns:
         dict: ``mean``, ``se`` (:math:`s_d/\sqrt n`), ``df``, ``t``, ``p`` (two-sided, exact,
-        :func:`t_pvalue`; with :math:`s_d = 0` it is 0 for a non-zero mean and 1 otherwise) and
-        ``ci95`` (:func:`t_interval`). The interval uses the tabulated quantile (4.303 at
-        :math:`\nu = 2`, exact 4.3027), so interval and p agree except when :math:`|t|` lies within
-        that rounding of the quantile.
+            :func:`t_pvalue`; with :math:`s_d = 0` it is 0 for a non-zero mean and 1 otherwise) and
+            ``ci95`` (:func:`t_interval`). The interval uses the tabulated quantile (4.303 at
+            :math:`\nu = 2`, exact 4.3027), so interval and p agree except when :math:`|t|` lies within
+            that rounding of the quantile.
     """
     x = np.asarray(diffs, dtype=np.float64)
     if x.size < 2:
@@ -636,9 +636,9 @@ def compare_to_reference(values: Mapping[str, Mapping[int, np.ndarray]], ref: st
 
     Returns:
         dict: per arm, :func:`paired_bootstrap`'s keys plus ``p_holm``, ``p_holm_mc_se``, ``holm_m``,
-        ``mde``, ``mde_holm`` (bootstrap, z-based on its SE), ``t_stat``, ``t_df``, ``t_se``, ``t_p``,
-        ``t_p_holm``, ``t_mde``, ``t_mde_holm`` (paired t), and ``decision`` / ``t_decision``
-        (:func:`decide` on the bootstrap interval with its Holm p, and on the t interval with its).
+            ``mde``, ``mde_holm`` (bootstrap, z-based on its SE), ``t_stat``, ``t_df``, ``t_se``, ``t_p``,
+            ``t_p_holm``, ``t_mde``, ``t_mde_holm`` (paired t), and ``decision`` / ``t_decision``
+            (:func:`decide` on the bootstrap interval with its Holm p, and on the t interval with its).
     """
     m = max(1, len([a for a in family if a != ref]))
     if ref not in values:
@@ -723,8 +723,8 @@ def stable_replicates(evaluate: Callable[[int], _T], comparisons: Callable[[_T],
 
     Returns:
         tuple: ``(analysis at the last B, info)``; ``info`` holds ``B`` (the last count), ``B_start``,
-        ``B_max``, ``alpha``, ``k``, ``stable`` (bool), ``at_risk`` (names still at risk) and
-        ``history`` (``[{"B": …, "at_risk": […]}, …]``).
+            ``B_max``, ``alpha``, ``k``, ``stable`` (bool), ``at_risk`` (names still at risk) and
+            ``history`` (``[{"B": …, "at_risk": […]}, …]``).
     """
     if B < 2:
         raise ValueError(f"stable_replicates: B must be >= 2, got {B}")

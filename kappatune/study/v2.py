@@ -149,6 +149,12 @@ class V2RunSpec:
 def read_design(folder: "str | Path") -> V2Design:
     """The design of a v2 folder (``config.json``), its recorded fingerprint checked.
 
+    Args:
+        folder (str or Path): v2's results folder (``benchmarks/results/forgetting_v2``).
+
+    Returns:
+        V2Design: the design ``config.json`` holds.
+
     Raises:
         FolderError: no ``config.json``, or one whose fingerprint is not its settings'.
     """
@@ -166,6 +172,14 @@ def read_design(folder: "str | Path") -> V2Design:
 def load_runs(folder: "str | Path", design: Optional[V2Design] = None) -> Dict[str, Dict[str, Any]]:
     """The run files of a v2 folder, ``{run_id: run}``; with ``design``, a run written under other
     settings is refused.
+
+    Args:
+        folder (str or Path): v2's results folder; its run files are ``runs/*.json``.
+        design (V2Design, optional): the folder's design (:func:`read_design`); each run's
+            ``config_fingerprint`` must be its fingerprint. Default: ``None`` (not checked).
+
+    Returns:
+        dict: ``{run_id: run}``, in file-name order; empty when the folder has no ``runs/``.
 
     Raises:
         FolderError: a run file that is not JSON, or of other settings.
@@ -299,8 +313,8 @@ def analyse(cfg: V2Design, runs: Mapping[str, Mapping[str, Any]], base: Mapping[
 
     Returns:
         dict: ``main``, ``exploratory``, ``long``, ``sequential`` (per arm), ``comparisons`` (every
-        comparison with κ-low by ``"family/arm"``, the same objects as those nested in the phases),
-        ``compute``, ``L_star``, ``L_long``, ``chosen_lr``, ``bootstrap``.
+            comparison with κ-low by ``"family/arm"``, the same objects as those nested in the phases),
+            ``compute``, ``L_star``, ``L_long``, ``chosen_lr``, ``bootstrap``.
     """
     rng = np.random.default_rng(seed)
     chosen = plan(cfg, runs)[2]
