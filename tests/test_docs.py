@@ -336,6 +336,10 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     kappa = (site / "reference/kappa/index.html").read_text(encoding="utf-8")
     assert '<div class="arithmatex">\\[' in kappa and '<span class="arithmatex">\\(' in kappa
     assert ".. math::" not in kappa and ":math:" not in kappa and ":func:" not in html
+    tex_as_code = re.compile(r"<pre><code>[^<]*\\(?:frac|leftarrow|mathrm|sum|sigma|kappa)\b")
+    literal = [str(f.relative_to(site)) for f in sorted((site / "reference").rglob("index.html"))
+               if ".. math::" in (t := f.read_text(encoding="utf-8")) or ":math:" in t or tex_as_code.search(t)]
+    assert not literal, f"math left as literal text or a code block on: {literal}"
 
 
 # -- the navigation: one title per page, nothing internal ----------------------------------------

@@ -15,6 +15,9 @@ import re
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|data|mod|exc|obj|const):<code>(~?)([^<]+)</code>")
 INLINE_MATH = re.compile(r":math:<code>([^<]+)</code>")
 DISPLAY_MATH = re.compile(r"<p>\.\. math::\s*(.+?)</p>", re.S)
+# ``.. math::``, a blank line, then the indented formula (the reST form): Markdown makes the formula a
+# code block after an empty paragraph.
+DISPLAY_MATH_BLOCK = re.compile(r"<p>\.\. math::\s*</p>\s*<pre><code>(.+?)</code></pre>", re.S)
 
 
 def _sub(m: "re.Match") -> str:
@@ -25,4 +28,5 @@ def _sub(m: "re.Match") -> str:
 def on_page_content(html, **kwargs):
     html = ROLE.sub(_sub, html)
     html = INLINE_MATH.sub(lambda m: f'<span class="arithmatex">\\({m.group(1)}\\)</span>', html)
+    html = DISPLAY_MATH_BLOCK.sub(lambda m: f'<div class="arithmatex">\\[{m.group(1).strip()}\\]</div>', html)
     return DISPLAY_MATH.sub(lambda m: f'<div class="arithmatex">\\[{m.group(1).strip()}\\]</div>', html)
