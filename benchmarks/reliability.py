@@ -220,7 +220,7 @@ CASE_PRELUDE = textwrap.dedent("""
     import torch
     from torch import nn
     from safetensors.torch import save_file
-    import kappatune, kappatune.cache, kappatune.checkpoint, kappatune.cli, kappatune.scan
+    import kappatune, kappatune.cache, kappatune.checkpoint, kappatune.cli
     work = sys.argv[1]
     msgs = []
     _h = logging.Handler()
