@@ -23,10 +23,10 @@ def _worker(rank, init_file, cache_dir, out_dir, seed):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         scan_mod = importlib.import_module("kappatune.pipeline")
-        from kappatune.cache import KappaCache
+        store = importlib.import_module("kappatune.cache")._SqliteStore  # the one place entries reach disk
 
         computed, writes = [], []
-        real_kappa_of, real_write = scan_mod.kappa_of, KappaCache._write_entries
+        real_kappa_of, real_write = scan_mod.kappa_of, store.put_many
 
         def counting(tensor, **kw):
             computed.append(kw["name"])
@@ -37,7 +37,7 @@ def _worker(rank, init_file, cache_dir, out_dir, seed):
             return real_write(self, entries)
 
         scan_mod.kappa_of = counting
-        KappaCache._write_entries = counting_write
+        store.put_many = counting_write
         model = make_tiny_llama(seed=seed, layers=3)
         table = kappatune.scan(model, cache=cache_dir, progress=False)
         first = list(computed)
