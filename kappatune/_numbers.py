@@ -26,18 +26,15 @@ def encode_float(x: float) -> Union[float, str]:
 
 
 def decode_float(x: Any) -> float:
-    """The inverse of :func:`encode_float` (also accepts plain numbers).
+    """The inverse of :func:`encode_float`; also reads plain numbers and any string ``float()`` reads
+    (``"Infinity"``, ``"NaN"``, ``"1.5"``), as the readers of saved scans always did.
 
     Raises:
-        ValueError: anything else (e.g. ``"Infinity"``, ``True``).
+        ValueError: anything else (e.g. ``True``, ``None``, ``"abc"``).
     """
-    if isinstance(x, bool):
-        raise ValueError(f"expected a number, got {x!r}")
-    if isinstance(x, (int, float)):
-        return float(x)
-    if x in ("inf", "-inf", "nan"):
-        return float(x)
-    raise ValueError(f"expected a number or 'inf'/'-inf'/'nan', got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        raise ValueError(f"expected a number or 'inf'/'-inf'/'nan', got {x!r}")
+    return float(x)
 
 
 def aggregate_values(values: Sequence[float], aggregate: str = "mean") -> float:

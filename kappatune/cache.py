@@ -154,7 +154,7 @@ def _loads(text: str) -> Any:
 
 
 def _number(x: Any, what: str, *, allow_inf: bool = False) -> float:
-    if allow_inf and x == "inf":
+    if allow_inf and x == encode_float(math.inf):  # κ = ∞ as files write it (kappatune._numbers)
         return math.inf
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise InvalidEntry(f"{what} is {x!r}, not a number")

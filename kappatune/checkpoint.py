@@ -62,7 +62,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .refs import TensorRef, default_layout
+from .refs import SAFETENSORS_DTYPES, TensorRef, default_layout
 from .pipeline import scan_refs
 from .table import KappaTable
 
@@ -74,17 +74,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
 
-# safetensors dtype codes → torch dtype names (the ``str(torch.dtype)`` spelling without "torch.").
-_DTYPES: Dict[str, Tuple[str, bool]] = {
-    "F64": ("float64", True), "F32": ("float32", True), "F16": ("float16", True),
-    "BF16": ("bfloat16", True),
-    # float8: analysed like a float8 parameter of a model (κ of the values upcast; see the module docstring).
-    "F8_E4M3": ("float8_e4m3fn", True), "F8_E5M2": ("float8_e5m2", True),
-    "F8_E4M3FNUZ": ("float8_e4m3fnuz", True), "F8_E5M2FNUZ": ("float8_e5m2fnuz", True),
-    "I64": ("int64", False), "I32": ("int32", False), "I16": ("int16", False), "I8": ("int8", False),
-    "U64": ("uint64", False), "U32": ("uint32", False), "U16": ("uint16", False), "U8": ("uint8", False),
-    "BOOL": ("bool", False), "C64": ("complex64", False),
-}
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz")
 
 
@@ -333,7 +322,7 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         fd = self._open()
         code, shape, offset, nbytes = self._offsets[name]
-        dtype = getattr(torch, _DTYPES.get(code, ("",))[0], None)
+        dtype = getattr(torch, SAFETENSORS_DTYPES.get(code, ("",))[0], None)
         if not isinstance(dtype, torch.dtype) or sys.byteorder != "little":  # rare: through safetensors
             with _safe_open(self.path) as f:
                 return f.get_tensor(name)
@@ -405,8 +394,12 @@ def checkpoint_refs(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> List[
                 raise CheckpointError(f"tensor {name!r} is in both {where[name]} and {path}; "
                                       "pass the files of one checkpoint only")
             where[name] = path
-            dtype, floating = _DTYPES.get(code, (code.lower(), False))
-            size = getattr(getattr(torch, dtype, None), "itemsize", None)
+            if code not in SAFETENSORS_DTYPES:  # a code kappatune does not know: let safetensors judge the file
+                with _safe_open(path):
+                    pass
+            dtype, floating = SAFETENSORS_DTYPES.get(code, (code.lower(), False))
+            torch_dtype = getattr(torch, dtype, None) if code in SAFETENSORS_DTYPES else None
+            size = torch_dtype.itemsize if isinstance(torch_dtype, torch.dtype) else None
             if size is not None and nbytes != math.prod(shape) * size:
                 raise CheckpointError(f"{path}: not a valid safetensors file (tensor {name!r} has {nbytes} bytes, "
                                       f"not shape {shape} of {code})")

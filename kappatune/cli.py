@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ._numbers import encode_float
 from .refs import DEFAULT_MAX_DIM  # the library's default, so the CLI selects what the library does
 
 __all__ = ["main"]
@@ -292,7 +293,7 @@ def _scan_doc_problem(doc: Dict[str, Any]) -> Optional[str]:
         if isinstance(numel, bool) or not isinstance(numel, int) or numel != math.prod(shape):
             return f"{name}: numel {numel!r} is not the product of its shape {shape}"
         k = e.get("kappa")
-        if not (isinstance(k, (int, float)) and not isinstance(k, bool) and k >= 1) and k != "inf":
+        if not (isinstance(k, (int, float)) and not isinstance(k, bool) and k >= 1) and k != encode_float(math.inf):
             return f"{name}: kappa {k!r} is not a number >= 1"
     return None
 
@@ -324,11 +325,16 @@ def _scan(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     from .checkpoint import checkpoint_files, checkpoint_refs
     from .pipeline import resolve_workers as scan_workers
     from .pipeline import scan_refs
+    from .refs import NameFilter
 
     files = checkpoint_files(args.paths)
     refs = checkpoint_refs(args.paths)
     cache = None if args.no_cache else KappaCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     progress = args.progress  # None: a bar only when stderr is a terminal (tqdm's disable=None)
+    try:  # the patterns checked here, so that a bad one is named as the flag the user typed
+        NameFilter(args.include, args.exclude, arg_names=("--include", "--exclude"))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     options = {
         "min_ndim": 2 if args.min_ndim is None else args.min_ndim,
         "max_dim": (DEFAULT_MAX_DIM if args.max_dim is None else None if args.max_dim == "none" else args.max_dim),

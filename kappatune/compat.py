@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -16,6 +17,15 @@ from .cache import KappaCache
 from .optimizer import KappaTuneOptimizer, OptimizerFactory
 
 __all__ = ["SelectiveFineTuningOptimizer"]
+
+
+def _cache_path(condition_file: Any) -> str:
+    """The κ cache of a reference ``condition_file``: a folder stays the cache folder, a ``.json`` name
+    becomes the SQLite database beside it (``x.json`` → ``x.sqlite``), any other path is the database."""
+    path = str(condition_file)
+    if path.endswith(".json") and not Path(path).is_dir():
+        return path[: -len(".json")] + ".sqlite"
+    return path
 
 
 class SelectiveFineTuningOptimizer(KappaTuneOptimizer):
@@ -67,7 +77,7 @@ class SelectiveFineTuningOptimizer(KappaTuneOptimizer):
         self.max_dim_size_to_analyze = max_dim_size_to_analyze
         super().__init__(model, base_optimizer_cls, num_tensors=num_tensors_to_finetune,
                          max_dim=max_dim_size_to_analyze, recompute=recompute, progress=False,
-                         cache=KappaCache(str(condition_file).removesuffix(".json") + ".sqlite"), **dict(optimizer_args))
+                         cache=KappaCache(_cache_path(condition_file)), **dict(optimizer_args))
 
     _PICKLED = KappaTuneOptimizer._PICKLED + ("condition_file", "num_tensors_to_finetune", "recompute",
                                               "max_dim_size_to_analyze")

@@ -49,7 +49,7 @@ from ._files import umask, write_atomic
 from ._numbers import encode_float
 from .cache import tensor_digest
 from .distributed import unwrap_model
-from .refs import dtype_name
+from .refs import SAFETENSORS_DTYPES, dtype_name
 from .resolve import named_parameters
 
 __all__ = ["apply_delta", "AppliedDelta", "DeltaError"]
@@ -62,7 +62,7 @@ DELTA_WEIGHTS_NAME = "delta_model.safetensors"
 _FORMAT = "kappatune-delta"
 _VERSION = 1
 # safetensors dtype codes of the dtypes a delta may hold
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_DTYPES = {c: getattr(torch, SAFETENSORS_DTYPES[c][0]) for c in ("F64", "F32", "F16", "BF16")}
 _DTYPES_BY_NAME = {dtype_name(d): d for d in _ST_DTYPES.values()}
 
 

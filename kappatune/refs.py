@@ -146,6 +146,20 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
+#: safetensors dtype codes → (torch dtype name, floating point), the one map of the checkpoint reader,
+#: the delta files and ``kappatune apply-delta``.
+SAFETENSORS_DTYPES: Dict[str, Tuple[str, bool]] = {
+    "F64": ("float64", True), "F32": ("float32", True), "F16": ("float16", True),
+    "BF16": ("bfloat16", True),
+    # float8: analysed like a float8 parameter of a model (κ of the values upcast; see kappatune.checkpoint).
+    "F8_E4M3": ("float8_e4m3fn", True), "F8_E5M2": ("float8_e5m2", True),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", True), "F8_E5M2FNUZ": ("float8_e5m2fnuz", True),
+    "I64": ("int64", False), "I32": ("int32", False), "I16": ("int16", False), "I8": ("int8", False),
+    "U64": ("uint64", False), "U32": ("uint32", False), "U16": ("uint16", False), "U8": ("uint8", False),
+    "BOOL": ("bool", False), "C64": ("complex64", False),
+}
+
+
 def clean_name(name: str) -> str:
     """A parameter name without the components wrappers insert.
 
@@ -192,6 +206,9 @@ def layer_index(name: str) -> Optional[int]:
 
 #: What ``include=``/``exclude=`` accept: ``None``, one regex, or a sequence of them.
 Patterns = Union[None, str, Sequence[str]]
+#: What ``group_by=`` accepts: ``None``, ``"kind"`` (:func:`module_kind`), ``"layer"``
+#: (:func:`layer_index`) or a callable ``name -> key``.
+GroupBy = Union[None, str, Callable[[str], Any]]
 
 
 def _compile(patterns: Patterns, arg: str) -> List["re.Pattern[str]"]:

@@ -27,7 +27,7 @@ from torch import nn
 from .refs import DEFAULT_MAX_DIM, Eligibility, NameFilter, Patterns, clean_name, dtype_name
 from .pipeline import CacheArg, aggregate_kappa, lookup, model_refs, resolve_cache, scan
 from .selection import SelectionPolicy
-from .table import KappaEntry, KappaTable, kappa_sort_key
+from .table import SCORES, KappaEntry, KappaTable
 
 __all__ = ["Selection", "resolve_selection"]
 
@@ -131,7 +131,7 @@ def _explicit(module: nn.Module, names: Sequence[str], table: Optional[KappaTabl
         base = table[n] if table is not None and n in table else None
         entries.append(base or KappaEntry(name=n, kappa=kappa.get(n, math.nan), shape=tuple(p.shape),
                                           numel=p.numel(), dtype=dtype_name(p.dtype)))
-    order = sorted(range(len(names)), key=lambda i: (kappa_sort_key(kappa.get(names[i], math.nan)), i))
+    order = sorted(range(len(names)), key=lambda i: (SCORES["kappa"].key(kappa.get(names[i], math.nan)), i))
     selected = [names[i] for i in order]
     return Selection(selected, {n: float(kappa.get(n, math.nan)) for n in selected},
                      table if table is not None else KappaTable(entries))
@@ -262,7 +262,8 @@ def resolve_selection(
     """
     if table is not None and not isinstance(table, KappaTable):
         raise TypeError(f"table must be a KappaTable (from kappatune.scan), got {type(table).__name__}")
-    policy = SelectionPolicy.resolve(policy, names=names, alternative="names=")
+    policy = SelectionPolicy.resolve(policy, names=names, offered=(),
+                                     alternative="policy= (a SelectionPolicy) or names= (parameter names)")
     if names is not None:
         if model is None:
             raise ValueError("names= needs the model, to check the names")

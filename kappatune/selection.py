@@ -38,13 +38,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from torch import nn
 
-from .refs import NameFilter, layer_index, module_kind
+from .refs import GroupBy, NameFilter, layer_index, module_kind
 
 __all__ = ["SelectionPolicy", "GroupBy", "FreezeHandle", "freeze_all_but"]
 
 logger = logging.getLogger(__name__)
 
-GroupBy = Union[None, str, Callable[[str], Any]]
 
 _POLICY_NAMES = ("num_tensors", "top_fraction", "param_budget", "max_kappa")
 
@@ -81,7 +80,7 @@ def _exactly_one(given: List[str], spell: Callable[[str], str], alternative: str
     if len(given) == 1 or (default and not given):
         return
     options = [spell(k) for k in offered if spell(k) != default] + ([alternative] if alternative else [])
-    listed = ", ".join(options[:-1]) + " or " + options[-1]
+    listed = options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
     got = ", ".join(spell(k).rstrip("=") for k in given) if given else "none"
     if default:
         raise ValueError(f"give only one selection policy: at most one of {listed} (else {default}) chooses "
@@ -144,7 +143,8 @@ class SelectionPolicy:
     @classmethod
     def resolve(cls, policy: Optional["SelectionPolicy"] = None, *, names: Optional[Any] = None,
                 group_by: GroupBy = None, spelling: Optional[Mapping[str, str]] = None, alternative: str = "",
-                default: str = "", required: bool = True, **options: Any) -> Optional["SelectionPolicy"]:
+                default: str = "", required: bool = True, offered: Optional[Sequence[str]] = None,
+                **options: Any) -> Optional["SelectionPolicy"]:
         """The one policy of a caller's arguments: ``policy=``, the policy keywords, or ``names=``.
 
         Every entry point goes through here, so the rule and its messages are the same everywhere;
@@ -165,6 +165,9 @@ class SelectionPolicy:
                 ``"top_p="``): the rule becomes "at most one". Default: ``""`` (exactly one).
             required (bool, optional): ``False`` returns ``None`` when nothing is given instead of
                 raising. Default: ``True``.
+            offered (Sequence[str], optional): the policy keywords the caller takes, listed in the
+                message when none or several are given. Default: ``None`` (all four; a caller that
+                takes only a prepared ``policy=`` passes ``()`` and names it in ``alternative``).
             **options: ``num_tensors``, ``top_fraction``, ``param_budget``, ``max_kappa``;
                 ``None`` values count as not given.
 
@@ -198,7 +201,7 @@ class SelectionPolicy:
             return policy
         if not given and (default or not required):
             return None
-        _exactly_one(given, spell, alternative, default)
+        _exactly_one(given, spell, alternative, default, _POLICY_NAMES if offered is None else tuple(offered))
         (name,) = given
         _validate_value(name, options[name], spell(name).rstrip("="))
         return cls(**{name: options[name]}, group_by=group_by)

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._numbers import decode_float, encode_float
-from .refs import NameFilter, Patterns, layer_index, module_kind
-from .selection import GroupBy, SelectionPolicy
+from .refs import GroupBy, NameFilter, Patterns, layer_index, module_kind
 
 __all__ = ["KappaTable", "KappaEntry", "Score", "SCORES"]
 
@@ -182,11 +181,6 @@ class KappaEntry:
         )
 
 
-def kappa_sort_key(kappa: float) -> float:
-    """The order of κ values in tables and selections: ascending, NaN (unknown) last with ``inf``."""
-    return math.inf if math.isnan(kappa) else kappa
-
-
 def _sort_key(e: KappaEntry) -> Tuple[float, str]:
     return (SCORES[e.score].key(e.value), e.name)
 
@@ -338,7 +332,7 @@ class KappaTable(Sequence[KappaEntry]):
     # -- selection ---------------------------------------------------------------------
     def select(
         self,
-        policy: Optional["SelectionPolicy"] = None,
+        policy: Optional[Any] = None,
         *,
         num_tensors: Optional[int] = None,
         top_fraction: Optional[float] = None,
@@ -376,6 +370,8 @@ class KappaTable(Sequence[KappaEntry]):
             ValueError: no policy or several, an invalid value, ``max_kappa`` on a table of
                 another score, or nothing selectable.
         """
+        from .selection import SelectionPolicy  # the rules; the table does not import them until asked
+
         policy = SelectionPolicy.resolve(policy, group_by=group_by, num_tensors=num_tensors,
                                          top_fraction=top_fraction, param_budget=param_budget, max_kappa=max_kappa)
         return policy.apply(self, NameFilter(include, exclude))

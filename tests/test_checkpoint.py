@@ -243,3 +243,33 @@ def test_errors_are_clear(tmp_path):
         checkpoint_refs(other)
     with pytest.raises(CheckpointError, match="no checkpoint path"):
         checkpoint_refs([])
+
+
+def _raw_safetensors(path, code, shape=(4, 4), nbytes=64):
+    """A safetensors file written by hand, with any dtype code in its header."""
+    import struct
+
+    header = json.dumps({"w.weight": {"dtype": code, "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(nbytes))
+
+
+@pytest.mark.parametrize("code", ["XYZ", "DTYPE"])
+def test_an_unknown_dtype_code_is_a_checkpoint_error(tmp_path, capsys, code):
+    """The header is parsed once by kappatune; a dtype code it does not know goes to safetensors to
+    judge, and a file it refuses is a one-line CheckpointError (the CLI: exit 2), not a TypeError."""
+    from kappatune.cli import main
+
+    path = tmp_path / "odd.safetensors"
+    _raw_safetensors(path, code)
+    with pytest.raises(CheckpointError, match="odd.safetensors"):
+        checkpoint_refs(path)
+    assert main(["scan", str(path), "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kappatune: error: ") and "odd.safetensors" in err and err.count("\n") == 1
+
+
+def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_refused_at_the_header(tmp_path):
+    path = tmp_path / "short.safetensors"
+    _raw_safetensors(path, "F32", shape=(4, 4), nbytes=60)
+    with pytest.raises(CheckpointError, match="60 bytes, not shape"):
+        checkpoint_refs(path)

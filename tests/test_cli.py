@@ -453,3 +453,11 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
     _ok(forced)
     assert "\r" not in auto[2] and "κ scan" not in auto[2]
     assert "κ scan" in forced[2]
+
+
+@pytest.mark.parametrize("flag", ["--include", "--exclude"])
+def test_a_bad_pattern_is_named_as_the_flag_when_scanning_a_checkpoint(sharded, capsys, flag):
+    _, ckpt = sharded
+    assert cli.main(["show", str(ckpt), flag, "(", "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kappatune: error: {flag}: invalid regular expression") and err.count("\n") == 1

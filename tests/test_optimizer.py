@@ -459,6 +459,19 @@ def test_selective_finetuning_optimizer_compat(tiny_llama, tmp_path):
     assert ref_style.read_text() == '{"lm_head.weight": 1.0}'  # neither trusted nor overwritten
 
 
+def test_selective_finetuning_optimizer_condition_file_paths(tmp_path):
+    """A folder is the cache folder; ``x.json`` → ``x.sqlite`` beside it; any other path is the database."""
+    folder = tmp_path / "kc"
+    folder.mkdir()
+    SelectiveFineTuningOptimizer(make_tiny_llama(), torch.optim.SGD, {"lr": 0.1}, condition_file=str(folder),
+                                 num_tensors_to_finetune=2)
+    assert (folder / "kappa_cache.sqlite").is_file() and not (tmp_path / "kc.sqlite").exists()
+    db = tmp_path / "k.sqlite"
+    SelectiveFineTuningOptimizer(make_tiny_llama(), torch.optim.SGD, {"lr": 0.1}, condition_file=str(db),
+                                 num_tensors_to_finetune=2)
+    assert db.is_file() and not (tmp_path / "k.sqlite.sqlite").exists()
+
+
 def test_activation_checkpoint_wrapper_names_are_cleaned(tiny_llama):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 

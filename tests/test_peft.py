@@ -255,6 +255,7 @@ def test_conv1d_layers_are_candidates():
     (dict(top_p=1.5), "top_p"),
     (dict(num_modules=0), "num_modules"),
     (dict(num_modules=3, threshold=10.0), "at most one"),
+    (dict(top_p=2.0, num_modules=3), "top_p"),                 # checked even where another policy overrides it
     (dict(threshold=-1.0), "threshold"),
     (dict(param_budget=0.0), "param_budget"),
     (dict(max_dim_size_to_analyze=0), "max_dim_size_to_analyze"),

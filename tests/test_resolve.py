@@ -322,3 +322,13 @@ def test_numpy_blas_follows_torch_threads_during_the_scan(monkeypatch, workers):
         torch.set_num_threads(prev)
     assert seen and all(s <= {1} for s in seen), seen
     assert threadpoolctl.threadpool_info() == before
+
+
+def test_resolve_selection_names_its_own_arguments(tiny_llama):
+    """No policy: the message offers what resolve_selection takes (policy= or names=), not keywords it
+    does not accept."""
+    with pytest.raises(ValueError, match=r"give a selection policy: .*policy= \(a SelectionPolicy\) or names=") as e:
+        resolve_selection(tiny_llama, cache=False)
+    assert "num_tensors" not in str(e.value)
+    with pytest.raises(TypeError):
+        resolve_selection(tiny_llama, num_tensors=1)   # the keywords belong to the table and the optimizer

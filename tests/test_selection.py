@@ -251,3 +251,24 @@ def test_grouped_budget_fills_what_the_shares_leave(table):
             of_kind = [n for n in table.names if module_kind(n) == kind]
             took = [n for n in got if module_kind(n) == kind]
             assert took == of_kind[:len(took)]
+
+
+def test_saved_entries_read_as_the_old_readers_did():
+    """Saved scans store κ = ∞ as "inf"; other spellings float() reads are still read."""
+    base = {"name": "w", "shape": [2, 2], "numel": 4, "dtype": "float32"}
+    assert KappaEntry.from_dict({**base, "kappa": "inf"}).kappa == math.inf
+    assert KappaEntry.from_dict({**base, "kappa": "Infinity"}).kappa == math.inf
+    assert KappaEntry.from_dict({**base, "kappa": "1.5"}).kappa == 1.5
+    assert math.isnan(KappaEntry.from_dict({**base, "kappa": "NaN"}).kappa)
+    assert KappaEntry("w", math.inf, (2, 2), 4, "float32").to_dict()["kappa"] == "inf"   # strict JSON
+    with pytest.raises(ValueError):
+        KappaEntry.from_dict({**base, "kappa": True})
+
+
+def test_the_table_does_not_load_the_selection_rules_until_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, kappatune.pipeline, kappatune.table; "
+            "assert 'kappatune.selection' not in sys.modules, 'the scan loaded the selection rules'")
+    subprocess.run([sys.executable, "-c", code], check=True)

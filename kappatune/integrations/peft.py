@@ -50,7 +50,7 @@ from torch import nn
 from ..refs import DEFAULT_MAX_DIM, Eligibility, NameFilter, Patterns
 from ..pipeline import CacheArg, model_refs, scan_refs
 from ..selection import SelectionPolicy
-from ..table import KappaEntry, KappaTable, kappa_sort_key
+from ..table import SCORES, KappaEntry, KappaTable
 
 __all__ = [
     "LoraTarget",
@@ -212,7 +212,7 @@ def kappa_lora_targets(
         e = entry(pname)
         if e is not None:
             out.append(LoraTarget(pname, "parameter", pname, e.kappa, e.numel, tuple(e.shape)))
-    out.sort(key=lambda t: (kappa_sort_key(t.kappa), t.name))
+    out.sort(key=lambda t: (SCORES["kappa"].key(t.kappa), t.name))
     return out
 
 
@@ -225,11 +225,10 @@ _PEFT_SPELLING = {"num_tensors": "num_modules=", "max_kappa": "threshold=", "top
 def _peft_policy(top_p: Optional[float], num_modules: Optional[int], threshold: Optional[float],
                  param_budget: Optional[Union[int, float]]) -> Optional[SelectionPolicy]:
     """The :class:`SelectionPolicy` of PEFT's arguments (``None``: ``top_p``, applied per group)."""
-    policy = SelectionPolicy.resolve(spelling=_PEFT_SPELLING, default="top_p=", num_tensors=num_modules,
-                                     max_kappa=threshold, param_budget=param_budget)
-    if policy is None and top_p is not None:  # checked as a fraction, in PEFT's name
+    if top_p is not None:  # checked as a fraction, in PEFT's name, even where another policy overrides it
         SelectionPolicy.resolve(spelling=_PEFT_SPELLING, top_fraction=top_p)
-    return policy
+    return SelectionPolicy.resolve(spelling=_PEFT_SPELLING, default="top_p=", num_tensors=num_modules,
+                                   max_kappa=threshold, param_budget=param_budget)
 
 
 def _targets_table(targets: List[LoraTarget]) -> KappaTable:
@@ -439,8 +438,7 @@ def get_kappa_lora_config(
     """
     from peft import LoraConfig
 
-    if isinstance(num_modules_to_adapt, bool) or not isinstance(num_modules_to_adapt, int) or num_modules_to_adapt < 1:
-        raise ValueError(f"num_modules_to_adapt must be an int >= 1, got {num_modules_to_adapt!r}")
+    policy = SelectionPolicy.resolve(spelling={"num_tensors": "num_modules_to_adapt="}, num_tensors=num_modules_to_adapt)
     target_parameters = lora_kwargs.pop("target_parameters", None)
     if target_modules is None and target_parameters is None:
         targets = kappa_lora_targets(
@@ -457,7 +455,9 @@ def get_kappa_lora_config(
         if num_modules_to_adapt > len(targets):
             logger.warning("num_modules_to_adapt=%d exceeds the %d candidate targets: adapting all of them",
                            num_modules_to_adapt, len(targets))
-        chosen = targets[:num_modules_to_adapt]
+            policy = SelectionPolicy(num_tensors=len(targets))
+        taken = set(policy.apply(_targets_table(targets)))  # modules and expert stacks ranked together
+        chosen = [t for t in targets if t.name in taken]
         mods = [t.name for t in chosen if t.kind == "module"]
         prms = [t.name for t in chosen if t.kind == "parameter"]
         logger.info("κ-selected LoRA targets (lowest κ first): %s",

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..refs import DEFAULT_MAX_DIM
+
 __all__ = ["StudyConfig", "Arm", "StudyConfigError", "load_study", "default_config", "quick_config",
            "ARM_KINDS"]
 
@@ -452,7 +454,7 @@ class StudyConfig:
     schedule: str = "constant"
     precision: str = "fp32"
     lora_alpha_over_r: float = 2.0
-    max_dim: Optional[int] = 16384
+    max_dim: Optional[int] = DEFAULT_MAX_DIM
     exclude: str = EMBEDDINGS
     levels: Tuple[float, ...] = (0.25, 0.35, 0.45, 0.6)
     area: Tuple[float, float] = (0.25, 0.6)
