@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from ._numbers import encode_float
 from .refs import DEFAULT_MAX_DIM  # the library's default, so the CLI selects what the library does
@@ -105,6 +105,14 @@ def _budget(s: str) -> float:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in one line, as the command's own errors: what is wrong and where the help is
+    (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kappatune`` argument parser (sub-commands scan, show, plot, export)."""
     from . import __version__
@@ -166,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", choices=("kind", "layer"), default=None,
                    help="apply the policy within each module kind (q_proj, up_proj, ...) or each layer")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kappatune",
         description="Condition numbers (κ = σ_max/σ_min) of the weights of a checkpoint on disk, and the "
                     "lowest-κ selection for selective fine-tuning. Checkpoints are read one tensor at a "

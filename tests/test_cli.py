@@ -461,3 +461,18 @@ def test_a_bad_pattern_is_named_as_the_flag_when_scanning_a_checkpoint(sharded, 
     assert cli.main(["show", str(ckpt), flag, "(", "--no-cache"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"kappatune: error: {flag}: invalid regular expression") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["scan"], "kappatune scan: error: the following arguments are required: PATH"),
+    (["bogus"], "kappatune: error: argument COMMAND: invalid choice: 'bogus'"),
+    (["study", "--steps", "0"], "kappatune study: error: argument --steps: expected a whole number >= 1"),
+    (["show", "x", "--top-fraction", "abc"], "kappatune show: error: argument --top-fraction"),
+])
+def test_argument_errors_are_one_line_with_exit_2(capsys, argv, msg):
+    """argparse's own errors read like the command's: one line, where the help is, exit status 2."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(msg) and err.count("\n") == 1 and "--help" in err and "usage:" not in err
