@@ -9,12 +9,15 @@ them with ``kappatune study`` (guide: docs/guides/study.md), every other option 
     python benchmarks/forgetting.py --long                # its long phase -> benchmarks/results/forgetting_v2_rerun_long
     python benchmarks/forgetting.py --dry-run             # the runs and their CPU-hours; --report, --device cuda, --out DIR...
     python benchmarks/forgetting.py --v2-report           # v2's own report again, from its committed run files
+    python benchmarks/forgetting.py --v2-report DIR       # ...in a copy of v2's folder (record.json checked)
     python benchmarks/make_docs.py                        # then the pages
 
 v2's own runs (``benchmarks/results/forgetting_v2``, made by its harness, which is in the repository's
 history) chose each arm's learning rate on seed 0; a rerun runs every grid point on every seed, so it
 holds v2's runs and more. ``--v2-report`` writes v2's ``results.md``, ``summary.json`` and plots from
-those run files with :mod:`kappatune.study.v2` (``--no-plot``: keep the figures in the folder).
+those run files with :mod:`kappatune.study.v2` (``--no-plot``: keep the figures in the folder), after
+checking that the folder is v2's whole record: every file ``record.json`` lists, with its SHA-256, and
+no other run file; otherwise it refuses in one line (exit status 2) and writes nothing.
 """
 
 from __future__ import annotations
@@ -35,21 +38,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Every other option is kappatune "
                                  "study's (kappatune study --help); the study file sets the design.")
     ap.add_argument("--long", action="store_true", help="v2's long phase (v2_long_study.json)")
-    ap.add_argument("--v2-report", action="store_true", help="write v2's report again from its run files")
+    ap.add_argument("--v2-report", nargs="?", const=str(V2), default=None, metavar="DIR",
+                    help="write v2's report again from its run files, in DIR (default: the repository's v2 folder; "
+                         "a copy of it works too); refused unless the folder is v2's whole record (record.json)")
     ap.add_argument("--no-plot", action="store_true", help="with --v2-report: keep the figures in the folder")
     args, rest = ap.parse_known_args(argv)
-    if args.v2_report:
+    if args.v2_report is not None:
         if rest or args.long:
             ap.error("--v2-report takes no other option than --no-plot")
         from kappatune.study import v2
         from kappatune.study.folder import FolderError
 
+        folder = Path(args.v2_report).expanduser()
         try:
-            v2.write_report(V2, plots=not args.no_plot)
+            v2.write_report(folder, plots=not args.no_plot)
         except FolderError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {V2 / 'results.md'} and {V2 / 'summary.json'}; now: python benchmarks/make_docs.py")
+        print(f"wrote {folder / 'results.md'} and {folder / 'summary.json'}"
+              + ("; now: python benchmarks/make_docs.py" if folder.resolve() == V2.resolve() else ""))
         return 0
     from kappatune import cli
 

@@ -27,13 +27,14 @@ import make_docs  # noqa: E402
 
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
-    """A copy of the v2 record whose report the package has written again (the figures as they are)."""
+    """A copy of the v2 record whose report the package has written again (the figures as they are), by
+    ``python benchmarks/forgetting.py --v2-report DIR``."""
     results = tmp_path_factory.mktemp("v2") / "results"
     out = results / "forgetting_v2"
     shutil.copytree(V2, out)
     (out / "results.md").unlink()
     (out / "summary.json").unlink()
-    v2.write_report(out, plots=False)
+    assert forgetting.main(["--v2-report", str(out), "--no-plot"]) == 0
     return out
 
 
@@ -147,3 +148,98 @@ def test_lstar_follows_the_resampled_base_loss():
     C = W @ np.stack([np.asarray(c["control_curve_pw"]) for c in run["curve"]]).T
     fixed = st.crossing_batch(C, C, float(base.mean()) - delta) - C[:, 0]
     assert np.nanstd(fixed) > 0.01                   # a fixed level would turn window noise into endpoint noise
+
+
+def _listing(d: Path):
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(d.rglob("*"))}
+
+
+def _v2_report_refused(folder: Path, capsys) -> str:
+    before = _listing(folder)
+    capsys.readouterr()
+    assert forgetting.main(["--v2-report", str(folder), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert _listing(folder) == before                                   # nothing written
+    return err
+
+
+@pytest.mark.parametrize("case", ["deleted_run", "no_runs", "altered_run", "no_base", "altered_base", "added_run",
+                                  "no_record", "altered_record"])
+def test_v2_report_refuses_a_record_that_is_not_whole(tmp_path, capsys, case):
+    """--v2-report DIR writes only from v2's whole record: every file record.json lists, with its SHA-256,
+    and no other run file; anything else is refused in one line, exit 2, nothing written."""
+    out = tmp_path / "forgetting_v2"
+    shutil.copytree(V2, out)
+    run = out / "runs" / "main_lora_s1_lr0.0005.json"
+    if case == "deleted_run":
+        run.unlink()
+    elif case == "no_runs":
+        shutil.rmtree(out / "runs")
+        run = out / "runs" / sorted(p.name for p in (V2 / "runs").glob("*.json"))[0]
+    elif case == "altered_run":                  # a value changed, its settings fingerprint kept
+        r = json.loads(run.read_text())
+        r["final"]["control_final_pw"][0] += 0.5
+        run.write_text(json.dumps(r))
+    elif case in ("no_base", "altered_base"):
+        run = out / "base.json"
+        if case == "no_base":
+            run.unlink()
+        else:
+            b = json.loads(run.read_text())
+            b["task_curve_loss"] += 0.01
+            run.write_text(json.dumps(b))
+    elif case == "added_run":
+        r = json.loads(run.read_text())
+        r["run_id"] = "main_lora_s3_lr0.0005"
+        run = out / "runs" / "main_lora_s3_lr0.0005.json"
+        run.write_text(json.dumps(r))
+    elif case == "no_record":
+        run = out / "record.json"
+        run.unlink()
+    elif case == "altered_record":               # the manifest itself edited to match an altered run
+        r = json.loads(run.read_text())
+        r["dcontrol_last"] = 0.0
+        run.write_text(json.dumps(r))
+        rec = json.loads((out / "record.json").read_text())
+        rec["files"]["runs/" + run.name] = v2.record_files(out)["runs/" + run.name]
+        (out / "record.json").write_text(json.dumps(rec, indent=1) + "\n")
+        run = out / "record.json"
+    err = _v2_report_refused(out, capsys)
+    assert str(run) in err
+    want = {"deleted_run": "missing from v2's record", "no_runs": "missing from v2's record",
+            "altered_run": "differs from v2's record", "no_base": "missing from v2's record",
+            "altered_base": "differs from v2's record", "added_run": "not a file of v2's record",
+            "no_record": "no such file", "altered_record": "not the manifest of v2's record"}[case]
+    assert want in err and ("restore it" in err or "move it away" in err)
+
+
+def test_the_record_lists_every_committed_file_of_the_report():
+    rec = json.loads((V2 / "record.json").read_text())
+    assert rec["files"] == v2.record_files(V2)
+    runs = {n for n in rec["files"] if n.startswith("runs/")}
+    assert len(runs) == 50 and {"base.json", "config.json", "selections.json"} <= set(rec["files"])
+    assert runs == {f"runs/{r}.json" for r in json.loads((V2 / "summary.json").read_text())["finished_runs"]}
+    v2.verify_record(V2)
+
+
+@pytest.mark.parametrize("case", ["list", "no_run_id", "no_final", "seq_no_after"])
+def test_a_malformed_v2_run_file_is_named_in_one_line(tmp_path, capsys, case):
+    out = tmp_path / "forgetting_v2"
+    shutil.copytree(V2, out)
+    run = out / "runs" / ("seq_lora_s1_lr0.0005.json" if case == "seq_no_after" else "main_lora_s1_lr0.0005.json")
+    r = json.loads(run.read_text())
+    if case == "list":
+        r = [1, 2]
+    elif case == "no_run_id":
+        del r["run_id"]
+    elif case == "no_final":
+        del r["final"]
+    else:
+        del r["after_task2"]
+    run.write_text(json.dumps(r))
+    with pytest.raises(FolderError, match="not a v2 run file as written"):
+        v2.load_runs(out, v2.read_design(out))
+    err = _v2_report_refused(out, capsys)
+    assert str(run) in err and {"list": "holds a JSON list", "no_run_id": "lacks run_id", "no_final": "lacks final",
+                                "seq_no_after": "lacks after_task2"}[case] in err

@@ -311,6 +311,97 @@ def test_bad_task2_corpus_is_named(inputs, tmp_path, capsys, case):
     assert "--task2-arms lora: not one of the arms" in err
 
 
+def test_task2_arms_listed_twice_or_task2_as_the_control_are_refused(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _bad(tmp_path, capsys, _args(inputs, out, "--task2", str(inputs / "task.jsonl"), "--task2-arms", "kappa_low",
+                                       "kappa_low"))
+    assert "--task2-arms: 'kappa_low' is listed twice" in err and not out.exists()
+    d = sc.default_config(task2_steps=5).resolved().to_dict()
+    d["task2_arms"] = ["kappa_low", "lora", "kappa_low"]
+    with pytest.raises(sc.StudyConfigError, match="listed twice"):
+        sc.StudyConfig.from_dict(d)
+    # task 2 whose text is the control's (another file, the same content) is refused before anything is written
+    same = tmp_path / "copy_of_control.txt"
+    shutil.copy(inputs / "control.txt", same)
+    for f in (inputs / "control.txt", same):
+        err = _bad(tmp_path, capsys, _args(inputs, out, "--task2", str(f), "--task2-steps", "4"))
+        assert f"--task2 {f}" in err and "the --control corpus's" in err and not out.exists()
+
+
+def test_dropping_task2_on_its_folder_is_refused_before_anything_is_written(task2_study, study, inputs, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "t2"
+    shutil.copytree(task2_study, out)
+    before = _listing(out)
+    for extra in ((), ("--dry-run",)):              # the run (before the model is loaded) and the plan alike
+        rc, log, err = _run(_args(inputs, out, *extra), capsys)
+        assert rc == 2 and err.count("\n") == 1 and "(resuming)" not in log and "runs in order" not in log, err
+        assert "other settings" in err and "task2_steps null now vs 4 in the folder" in err
+        assert _listing(out) == before
+    # and the other way round: task 2 added on a folder made without it
+    plain = tmp_path / "plain"
+    shutil.copytree(study, plain)
+    before = _listing(plain)
+    err = _bad(tmp_path, capsys, _task2_args(inputs, plain))
+    assert "task2_steps 4 now vs null in the folder" in err and _listing(plain) == before
+    # the corpora are compared over the roles of both: the folder's task 2 corpus missing from the command
+    folder = ResultsFolder(out)
+    man = folder.manifest()
+    cfg = sc.StudyConfig.from_dict(man["study"])
+    corpora = dict(man["fingerprints"]["corpora"])
+    assert folder.check(cfg.run_settings(), cfg.analysis_rules(), {"corpora": corpora}) is not None
+    del corpora["task2"]
+    with pytest.raises(ValueError, match="used a task2 corpus .* that this command does not give"):
+        folder.check(cfg.run_settings(), cfg.analysis_rules(), {"corpora": corpora})
+
+
+def test_a_bad_or_missing_task2_block_is_set_aside_and_redone(task2_study, inputs, tmp_path, capsys):
+    out = tmp_path / "bad_t2"
+    shutil.copytree(task2_study, out)
+    broken = {"kappa_low_s0_lr0.01": [1], "kappa_low_s1_lr0.03": "x", "full_s0_lr0.003": {"final": {}},
+              "full_s1_lr0.003": None}
+    for rid, t2 in broken.items():
+        p = out / "runs" / f"{rid}.json"
+        r = json.loads(p.read_text())
+        if t2 is None:
+            del r["task2"]                      # a run of a task-2 arm, not diverged, without its task 2
+        else:
+            r["task2"] = t2
+        p.write_text(json.dumps(r))
+    # the report uses none of them: each is named, and counted missing
+    rc, _, err = _run(["study", "--report", "--out", str(out), "--no-plot", "--bootstrap", "300"], capsys)
+    assert rc == 0, err
+    s = _strict(out / "summary.json")
+    assert sorted(s["runs"]["missing"]) == sorted(broken) and s["runs"]["finished"] == 4
+    for rid in broken:
+        assert str(out / "runs" / f"{rid}.json") in err
+    assert "task-2 block is a JSON list" in err and "task-2 block is a JSON str" in err
+    assert "task-2 curve is missing" in err and "has no task-2 block" in err
+    folder = ResultsFolder(out)
+    assert folder.run_problem("x", {"run_id": "x", "arm": "random_kind", **{k: 0 for k in ("seed", "lr", "decay",
+                              "settings_fingerprint", "model_fingerprint", "data_fingerprint")},
+                              "curve": [{"step": 0, "task_curve_pw": [], "control_curve_pw": []}], "final": {}},
+                              task2_arms=("kappa_low", "full")) is None         # an arm without task 2 needs none
+    # the study sets them aside and redoes them, task 2 included
+    rc, log, err = _run(_task2_args(inputs, out), capsys)
+    assert rc == 0 and log.count(" done: ") == len(broken), err
+    for rid in broken:
+        assert (out / "runs" / f"{rid}.json.corrupt").exists()
+        assert "task2" in json.loads((out / "runs" / f"{rid}.json").read_text())
+    assert _numbers(_strict(out / "summary.json")) == _numbers(_strict(task2_study / "summary.json"))
+
+
+def test_the_blend_cost_is_set_against_the_run_on_the_task_without_task2(task2_study):
+    s = _strict(task2_study / "summary.json")
+    b = s["compute"]["blend"]["kappa_low"]
+    runs = [json.loads(p.read_text()) for p in sorted((task2_study / "runs").glob("kappa_low_*.json"))]
+    assert len(runs) == b["runs"] == 4 and all(r["task2"]["timing"]["cpu_s"] > 0 for r in runs)
+    task1 = sum(r["timing"]["cpu_s"] - r["task2"]["timing"]["cpu_s"] for r in runs) / len(runs)
+    assert b["run_cpu_s"] == pytest.approx(task1, rel=1e-12)
+    assert b["ratio"] == pytest.approx(b["point_cpu_s"] / task1, rel=1e-12)
+    assert b["run_cpu_s"] < sum(r["timing"]["cpu_s"] for r in runs) / len(runs)
+
+
 def test_a_study_without_task2_is_written_and_fingerprinted_as_before():
     """v3's pre-registered study file (written before task 2 existed) reads back to the same dict and the
     settings fingerprint its runs carry: a study without task 2 is unchanged."""
@@ -917,3 +1008,29 @@ def test_read_corpus_formats(tmp_path):
     assert t.fingerprint() != read_corpus([tmp_path / "c.txt", tmp_path / "d.py"], "control").fingerprint()
     files = stdlib_py_files()
     assert files and not any({"test", "tests", "site-packages"} & set(f.parts) for f in files)
+
+
+def test_a_folders_empty_files_and_the_stdlib_default_are_read(tmp_path):
+    """Task 2's default corpus (the standard library, which holds empty ``__init__.py`` files) and a folder
+    with an empty file read; an empty file named directly is still refused."""
+    from kappatune.study.data import CorpusError, default_corpus_files, read_corpus
+
+    files, _ = default_corpus_files("task2")
+    assert files and all(f.stat().st_size > 0 for f in files)
+    c = read_corpus(files, "task2")
+    assert len(c.docs) == len(files)
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "__init__.py").write_text("")
+    (d / "blank.txt").write_text("  \n\n")
+    (d / "good.txt").write_text("one\n\ntwo\n")
+    c = read_corpus([d], "task2")
+    assert c.docs == ["one", "two"] and c.files == [str(d / "good.txt")]
+    for f in (d / "sub" / "__init__.py", d / "blank.txt"):
+        with pytest.raises(CorpusError, match=f"--task2 {f}: the file is empty"):
+            read_corpus([f], "task2")
+        with pytest.raises(CorpusError, match="the file is empty"):
+            read_corpus([d / "good.txt", f], "task2")
+    (d / "good.txt").write_text("")
+    with pytest.raises(CorpusError, match="no text found|empty"):
+        read_corpus([d], "task2")

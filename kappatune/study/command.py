@@ -345,6 +345,10 @@ def _read_corpora(cfg: StudyConfig) -> Dict[str, Any]:
             fs, desc = default_corpus_files(role)
             files = [str(f) for f in fs]
         out[role] = read_corpus(files, role, cfg.text_field, description=desc)
+    if "task2" in out and out["task2"].docs == out["control"].docs:
+        raise StudyConfigError(f"--task2 {', '.join(out['task2'].files[:2])}: its text is the --control corpus's; "
+                               "task 2 must not be the control's own text (the control measures what is never "
+                               "trained on): give another task-2 corpus")
     return out
 
 
@@ -385,11 +389,12 @@ def _dry_run(cfg: StudyConfig, args: argparse.Namespace, out: Callable[[str], No
     src = "the table of measured costs (SmolLM2-135M, 1 CPU thread)"
     folder = ResultsFolder(args.out) if args.out else None
     if folder is not None and folder.study_file.exists():
+        folder_study(folder, cfg, {}, own=[args.study])        # a folder of other settings: refused, as by a run
         try:
             man = folder.manifest()
             fps = (man or {}).get("fingerprints") or {}
             runs, _ = folder.load_runs({"settings": cfg.settings_fingerprint(), "model": fps.get("model"),
-                                        "data": fps.get("windows")})
+                                        "data": fps.get("windows")}, task2_arms=cfg.task2_arms if cfg.task2 else ())
         except FolderError:
             runs = {}
     measured = measured_costs(runs, cfg)

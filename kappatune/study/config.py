@@ -564,6 +564,9 @@ class StudyConfig:
             for a in self.task2_arms:
                 if a not in names:
                     raise StudyConfigError(f"--task2-arms {a}: not one of the arms ({', '.join(names)})")
+            dup = sorted({a for a in self.task2_arms if list(self.task2_arms).count(a) > 1})
+            if dup:
+                raise StudyConfigError(f"--task2-arms: {dup[0]!r} is listed twice; list each arm once")
             t2 = list(self.task2_eval_at)
             if t2 != sorted(set(t2)) or not t2 or t2[0] != 0 or t2[-1] != self.task2_steps:
                 raise StudyConfigError(f"task2_eval_at {t2}: must rise from 0 to the last step of task 2 "

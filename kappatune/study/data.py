@@ -2,8 +2,9 @@
 
 :func:`read_corpus` reads plain text (documents separated by blank lines), JSONL (one JSON object per
 line, its text field), JSON (a list, or a mapping of key → string/object) and Python source (one
-document per file); a folder is read file by file. Every file is validated first
-(:func:`check_text_file`): it must exist, be non-empty UTF-8 text and mostly printable; a model file
+document per file); a folder is read file by file, its files without text (an empty ``__init__.py``)
+skipped. Every file is validated first (:func:`check_text_file`): it must exist, be non-empty UTF-8
+text and mostly printable (a file named directly that holds no text is refused); a model file
 (``.safetensors``, GGUF, …) or random bytes are refused with a one-line error naming the file and
 the line at fault.
 
@@ -45,6 +46,10 @@ MIN_PRINTABLE = 0.95
 
 class CorpusError(ValueError):
     """A corpus that cannot be used: one line naming the file (and line) and the fix."""
+
+
+class _EmptyFile(CorpusError):
+    """A file with no text (empty or only whitespace): refused when named, skipped in a folder."""
 
 
 @dataclass
@@ -103,7 +108,7 @@ def check_text_file(path: Path, role: str) -> str:
     except OSError as e:
         raise CorpusError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
     if not raw.strip():
-        raise CorpusError(f"{flag} {path}: the file is empty; give a file with text")
+        raise _EmptyFile(f"{flag} {path}: the file is empty; give a file with text")
     if raw[:4] == b"GGUF":
         raise CorpusError(f"{flag} {path}: a GGUF model file, not text")
     if len(raw) >= 10 and raw[8:10] in (b'{"', b"{'") and int.from_bytes(raw[:8], "little") < len(raw):
@@ -138,17 +143,29 @@ def _text_of(obj: Any, text_field: str, where: str, flag: str) -> str:
                       f"{type(obj).__name__}")
 
 
-def _files_of(paths: Sequence["str | Path"], role: str) -> List[Path]:
-    files: List[Path] = []
+def _blank(path: Path, read_below: int = 4096) -> bool:
+    """Whether ``path`` holds no text: zero bytes, or (read only when smaller than ``read_below``
+    bytes) nothing but whitespace."""
+    size = path.stat().st_size
+    return size == 0 or (size < read_below and not path.read_bytes().strip())
+
+
+def _files_of(paths: Sequence["str | Path"], role: str) -> List[Tuple[Path, bool]]:
+    """``[(file, named directly)]``: a folder gives every text file under it, sorted, its zero-byte files
+    left out (a file of a folder that holds only whitespace is skipped when read)."""
+    files: List[Tuple[Path, bool]] = []
     for p in map(Path, paths):
         p = p.expanduser()
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix in _SUFFIXES and q.is_file())
             if not found:
                 raise CorpusError(f"--{role} {p}: the folder holds no {', '.join(_SUFFIXES)} file")
-            files += found
+            files += [(q, False) for q in found if q.stat().st_size > 0]
+            if not any(q.stat().st_size > 0 for q in found):
+                raise CorpusError(f"--{role} {p}: every {', '.join(_SUFFIXES)} file in the folder is empty; give "
+                                  "files with text")
         else:
-            files.append(p)
+            files.append((p, True))
     if not files:
         raise CorpusError(f"--{role}: no file given")
     return files
@@ -165,7 +182,8 @@ def read_corpus(paths: Sequence["str | Path"], role: str, text_field: str = "tex
 
     Args:
         paths (sequence of str or Path): files (a folder: every ``.txt``, ``.jsonl``, ``.json``,
-            ``.py``, ``.md`` file under it, sorted).
+            ``.py``, ``.md`` file under it, sorted; its files without text, empty or only whitespace,
+            are skipped, while such a file named here is refused).
         role (str): ``task``, ``control`` or ``task2``: names the flag in errors.
         text_field (str, optional): the JSON field with the text. Default: ``"text"``.
         description (str, optional): what the corpus is. Default: the file names.
@@ -175,11 +193,18 @@ def read_corpus(paths: Sequence["str | Path"], role: str, text_field: str = "tex
             no text field, or no text at all.
     """
     flag = f"--{role}"
-    files = _files_of(paths, role)
+    listed = _files_of(paths, role)
+    files: List[Path] = []
     docs: List[str] = []
     seps = set()
-    for f in files:
-        text = check_text_file(f, role)
+    for f, direct in listed:
+        try:
+            text = check_text_file(f, role)
+        except _EmptyFile:
+            if direct:
+                raise
+            continue                                   # a folder's file without text: skipped
+        files.append(f)
         n0 = len(docs)
         if f.suffix == ".jsonl":
             for i, line in enumerate(text.splitlines(), 1):
@@ -215,10 +240,10 @@ def read_corpus(paths: Sequence["str | Path"], role: str, text_field: str = "tex
         else:
             docs += [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
             seps.add("\n\n")
-        if len(docs) == n0 and len(files) == 1:
+        if len(docs) == n0 and len(listed) == 1:
             raise CorpusError(f"{flag} {f}: no text found in it")
     if not docs:
-        raise CorpusError(f"{flag}: no text found in {', '.join(map(str, files[:3]))}")
+        raise CorpusError(f"{flag}: no text found in {', '.join(str(f) for f, _ in listed[:3])}")
     desc = description or (", ".join(str(f) for f in files[:3]) + (f" (+{len(files) - 3} files)" if len(files) > 3
                                                                    else ""))
     return Corpus(role, docs, "\n" if seps == {"\n"} else "\n\n", [str(f) for f in files], desc)
@@ -239,11 +264,11 @@ def package_dir(module: str, dist: str) -> Path:
 
 
 def stdlib_py_files() -> List[Path]:
-    """The interpreter's standard library as Python source, without ``site-packages`` and the
-    ``test``/``tests`` folders, sorted."""
+    """The interpreter's standard library as Python source, without ``site-packages``, the
+    ``test``/``tests`` folders and the files without text (an empty ``__init__.py``), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(f for f in root.rglob("*.py")
-                  if not ({"site-packages", "test", "tests"} & set(f.relative_to(root).parts)))
+                  if not ({"site-packages", "test", "tests"} & set(f.relative_to(root).parts)) and not _blank(f))
 
 
 def default_corpus_files(role: str) -> Tuple[List[Path], str]:

@@ -22,8 +22,9 @@ when its process is gone (same host) or its heartbeat is older than ``stale_afte
 worker, a pid reused by another process, another host), and a stale claim is taken over. On POSIX
 every claim transition is serialised by ``flock`` on ``claims/.lock``.
 
-**Run files.** A run file that is not a JSON object, lacks ``run_id`` or its curve, or names another
-run is reported and redone (the file is moved aside, never deleted, never used); a whole run file
+**Run files.** A run file that is not a JSON object, lacks ``run_id`` or its curve, names another
+run, or holds a malformed task-2 block (or none, for a run that should have gone on to task 2) is
+reported and redone (the file is moved aside, never deleted, never used); a whole run file
 made under other settings is refused, never mixed in.
 """
 
@@ -55,6 +56,8 @@ STUDY_FILE = "study.json"
 RUN_REQUIRED = ("run_id", "arm", "seed", "lr", "decay", "curve", "final", "settings_fingerprint",
                 "model_fingerprint", "data_fingerprint")
 """Keys every run file must hold to be used."""
+TASK2_FINAL = ("task_final_loss", "control_final_loss", "task2_final_loss")
+"""Keys the final evaluation of a run's ``task2`` block must hold."""
 _OURS = {"study.json", "base.json", "selections.json", "runs", "claims", "results.md", "summary.json", "tmp"}
 
 
@@ -288,8 +291,9 @@ class ResultsFolder:
         Args:
             settings (mapping): :meth:`StudyConfig.run_settings` of this command.
             analysis (mapping): :meth:`StudyConfig.analysis_rules` of this command.
-            fingerprints (mapping): ``model`` and ``corpora`` (``{role: fingerprint}``), and
-                ``windows`` when known; a key missing here is not compared.
+            fingerprints (mapping): ``model`` and ``corpora`` (``{role: fingerprint}``, compared over the
+                roles of both this command and the folder), and ``windows`` when known; a key missing here
+                is not compared.
             compare_analysis (bool, optional): refuse other analysis rules too. Default: ``True``.
             own (sequence of path, optional): files of this study that may already be in a new folder
                 (its study file and its pre-registration, committed there before the first run).
@@ -300,7 +304,9 @@ class ResultsFolder:
 
         Raises:
             FolderError: a folder holding other files and no study, or a study whose settings, model,
-                corpora or analysis differ (one line saying what).
+                corpora or analysis differ (one line saying what). The run settings are compared over
+                the keys of both sides (:attr:`StudyConfig.RUN_KEYS`, and :attr:`StudyConfig.TASK2_KEYS`
+                where either has task 2): a setting one side lacks reads ``null``.
         """
         man = self.manifest()
         if man is None:
@@ -315,26 +321,37 @@ class ResultsFolder:
                     raise FolderError(f"--out {self.path}: holds run files but no {STUDY_FILE}; it was not made by "
                                       "kappatune study (or the file was removed): use another --out")
             return None
-        from .config import differences
+        from .config import StudyConfig, differences
 
         old = man["study"]
         fp = man["fingerprints"]
-        old_settings = {k: old.get(k) for k in settings}
-        if dict(old_settings) != dict(settings):
+        # every run setting on either side: the folder's task-2 settings count when this command has none
+        keys = set(settings) | {k for k in StudyConfig.RUN_KEYS if k in old}
+        if old.get("task2_steps"):
+            keys |= {k for k in StudyConfig.TASK2_KEYS if k in old}
+        old_settings = {k: old.get(k) for k in keys}
+        now = {k: settings.get(k) for k in keys}
+        if old_settings != now:
             raise FolderError(f"--out {self.path} holds a study with other settings "
-                              f"({differences(old_settings, settings)}); use another --out, or the same settings to "
+                              f"({differences(old_settings, now)}); use another --out, or the same settings to "
                               "resume")
         if "model" in fingerprints and fp.get("model") != fingerprints["model"]:
             raise FolderError(f"--out {self.path}: the model differs from the one its runs used (weights "
                               f"fingerprint {fingerprints['model']} now vs {fp.get('model')}: {old.get('model')!r} "
                               "was changed or is another model); use another --out")
-        for role, f in (fingerprints.get("corpora") or {}).items():
-            was = (fp.get("corpora") or {}).get(role)
-            if was != f:
-                files = ((old.get("corpora") or {}).get(role) or {}).get("files") or []
-                where = f" ({', '.join(files[:2])})" if files else ""
-                raise FolderError(f"--out {self.path}: the {role} corpus{where} differs from the one its runs used "
-                                  f"(content fingerprint {f} now vs {was}); restore it or use another --out")
+        if "corpora" in fingerprints:                     # every corpus role of the command and of the folder
+            now_c, was_c = dict(fingerprints["corpora"] or {}), dict(fp.get("corpora") or {})
+            for role in [*now_c, *(r for r in was_c if r not in now_c)]:
+                f, was = now_c.get(role), was_c.get(role)
+                if was != f:
+                    files = ((old.get("corpora") or {}).get(role) or {}).get("files") or []
+                    where = f" ({', '.join(files[:2])})" if files else ""
+                    if f is None:
+                        raise FolderError(f"--out {self.path}: its runs used a {role} corpus{where} (content "
+                                          f"fingerprint {was}) that this command does not give; give it again or use "
+                                          "another --out")
+                    raise FolderError(f"--out {self.path}: the {role} corpus{where} differs from the one its runs "
+                                      f"used (content fingerprint {f} now vs {was}); restore it or use another --out")
         if fingerprints.get("windows") and fp.get("windows") and fp["windows"] != fingerprints["windows"]:
             raise FolderError(f"--out {self.path}: the token windows differ from the ones its runs used (fingerprint "
                               f"{fingerprints['windows']} now vs {fp['windows']}: another tokenizer?); use another "
@@ -521,14 +538,19 @@ class ResultsFolder:
         return None
 
     # -- runs ------------------------------------------------------------------------------------
-    def run_problem(self, run_id: str, d: Any) -> Optional[str]:
+    def run_problem(self, run_id: str, d: Any, task2_arms: Sequence[str] = ()) -> Optional[str]:
         """Why the content of a run file cannot be used: not a JSON object, a missing key of
         :data:`RUN_REQUIRED`, another run's id, a missing or malformed curve (each point needs ``step``,
-        ``task_curve_pw`` and ``control_curve_pw``), or no final evaluation.
+        ``task_curve_pw`` and ``control_curve_pw``), no final evaluation, a malformed ``task2`` block
+        (an object with a final evaluation holding :data:`TASK2_FINAL` and a curve whose points hold
+        ``step``, ``task_curve_pw``, ``control_curve_pw`` and ``task2_curve_pw``), or a run of an arm of
+        ``task2_arms`` that did not diverge on the task but has no ``task2`` block.
 
         Args:
             run_id (str): the run the file is named after.
             d (Any): the file's JSON value.
+            task2_arms (sequence of str, optional): the arms whose runs go on to task 2 (empty: the
+                study has no task 2). Default: ``()``.
 
         Returns:
             str or None: the reason, ``None`` when the run can be used.
@@ -546,15 +568,32 @@ class ResultsFolder:
             return "its curve is missing or malformed"
         if not isinstance(d["final"], dict):
             return "its final evaluation is missing"
+        t2 = d.get("task2")
+        if t2 is None:
+            if d["arm"] in task2_arms and not d.get("diverged"):
+                return "has no task-2 block, though its arm goes on to task 2 and it did not diverge on the task"
+            return None
+        if not isinstance(t2, dict):
+            return f"its task-2 block is a JSON {type(t2).__name__}, not an object"
+        c = t2.get("curve")
+        if not isinstance(c, list) or not c or not all(isinstance(x, dict) and "step" in x and all(
+                f"{k}_curve_pw" in x for k in ("task", "control", "task2")) for x in c):
+            return "its task-2 curve is missing or malformed"
+        f = t2.get("final")
+        if not isinstance(f, dict) or any(k not in f for k in TASK2_FINAL):
+            return "its task-2 final evaluation is missing or lacks " + ", ".join(
+                k for k in TASK2_FINAL if not isinstance(f, dict) or k not in f)
         return None
 
-    def load_runs(self, fingerprints: Mapping[str, str], report: Callable[[str], None] = lambda s: None
-                  ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
-        """The usable finished runs, and the unusable files.
+    def load_runs(self, fingerprints: Mapping[str, str], report: Callable[[str], None] = lambda s: None,
+                  task2_arms: Sequence[str] = ()) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+        """The usable finished runs, and the unusable files (:meth:`run_problem`).
 
         Args:
             fingerprints (mapping): ``settings``, ``model``, ``data`` every run must carry.
             report (callable, optional): receives one line per unusable file. Default: nothing.
+            task2_arms (sequence of str, optional): the arms whose runs go on to task 2 (a run of one
+                without its ``task2`` block is unusable). Default: ``()`` (no task 2).
 
         Returns:
             tuple: ``({run_id: run}, {run_id: why unusable})``.
@@ -570,7 +609,7 @@ class ResultsFolder:
             rid = p.stem
             try:
                 d: Any = json.loads(p.read_text(encoding="utf-8"))
-                why = self.run_problem(rid, d)
+                why = self.run_problem(rid, d, task2_arms)
             except (OSError, UnicodeDecodeError) as e:
                 why = f"cannot be read ({type(e).__name__})"
             except json.JSONDecodeError as e:

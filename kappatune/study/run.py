@@ -530,6 +530,7 @@ def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: St
     from .arms import selections
 
     fps = dict(fingerprints)
+    t2arms = cfg.task2_arms if cfg.task2 else ()           # a run of these without its task 2 is redone
     folder.prepare()
     for p in base_model.parameters():
         p.requires_grad_(False)
@@ -557,7 +558,7 @@ def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: St
     spent_wall = spent_cpu = 0.0
     reported: set = set()
     while max_runs is None or len(new) < max_runs:
-        runs, bad = folder.load_runs(fps, report=lambda m: None)
+        runs, bad = folder.load_runs(fps, report=lambda m: None, task2_arms=t2arms)
         for rid, why in bad.items():
             if rid not in reported:
                 reported.add(rid)
@@ -577,7 +578,7 @@ def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: St
             return {"new": new, "left": len(todo), "held": len(todo)}
         try:
             if folder.run_path(spec.run_id).exists():
-                runs2, bad2 = folder.load_runs(fps)
+                runs2, bad2 = folder.load_runs(fps, task2_arms=t2arms)
                 if spec.run_id in runs2:                 # another worker finished it since we listed
                     continue
                 moved = folder.set_aside(spec.run_id)
@@ -601,7 +602,7 @@ def run_study(folder: ResultsFolder, cfg: StudyConfig, base_model: Any, data: St
             on_event({"event": "done", "k": len(runs) + 1, "total": total, "run": rec})
         finally:
             claim.release()
-    left = len(plan(cfg, folder.load_runs(fps)[0]))
+    left = len(plan(cfg, folder.load_runs(fps, task2_arms=t2arms)[0]))
     return {"new": new, "left": left, "held": 0}
 
 

@@ -16,6 +16,9 @@ read at that learning rate, not on an envelope over the grid; so the record keep
 seeds and windows, each comparison from its own generator, the paired t, Holm over each
 pre-registered family, the minimum detectable effects, and the replicates raised until no verdict can
 flip by Monte-Carlo noise), as the committed report: every number of it is what this code computes.
+It writes only from v2's whole record (:func:`verify_record`): ``record.json`` lists every file the
+report is written from with its SHA-256, and a folder with a file missing, added or altered is refused
+in one line before anything is written.
 
 v2's design in the study vocabulary, to run it again with ``kappatune study`` (every grid point on
 every seed, which contains v2's runs), is the study file next to the record, ``v2_study.json`` (main
@@ -169,9 +172,126 @@ def read_design(folder: "str | Path") -> V2Design:
     return design
 
 
+RUN_REQUIRED = ("run_id", "arm", "phase", "seed", "lr", "steps", "wall_s", "cpu_s", "train_cpu_s",
+                "config_fingerprint")
+"""Keys every v2 run file holds; a ``main`` or ``long`` run also its ``curve`` and ``final``, a ``seq`` run
+its ``task1``, ``task2`` (each with a ``curve``), ``after_task1``, ``after_task2``,
+``dcontrol_after_task1`` and ``dtask2_after_task2``."""
+
+
+def _curve_problem(c: Any, what: str) -> Optional[str]:
+    if not isinstance(c, list) or not c or not all(isinstance(x, dict) and "step" in x for x in c):
+        return f"its {what} is missing or malformed"
+    return None
+
+
+def run_problem(run_id: str, r: Any) -> Optional[str]:
+    """Why the content of a v2 run file is not a v2 run as its harness wrote it: not a JSON object, a
+    missing key (:data:`RUN_REQUIRED` and its phase's), another run's id, an unknown arm or phase, a
+    malformed curve or final evaluation.
+
+    Args:
+        run_id (str): the run the file is named after (its name without ``.json``).
+        r (Any): the file's JSON value.
+
+    Returns:
+        str or None: the reason, ``None`` when the run can be read.
+    """
+    if not isinstance(r, dict):
+        return f"holds a JSON {type(r).__name__}, not a run object"
+    phase_keys = {"main": ("curve", "final"), "long": ("curve", "final"),
+                  "seq": ("task1", "task2", "after_task1", "after_task2", "dcontrol_after_task1",
+                          "dtask2_after_task2")}.get(r.get("phase"), ())
+    missing = [k for k in RUN_REQUIRED + phase_keys if k not in r]
+    if missing:
+        return f"lacks {', '.join(missing[:4])}"
+    if r["run_id"] != run_id:
+        return f"holds run {r['run_id']!r}, not {run_id!r}"
+    if r["phase"] not in PHASES:
+        return f"its phase {r['phase']!r} is not one of v2's ({', '.join(PHASES)})"
+    if r["arm"] not in ARMS:
+        return f"its arm {r['arm']!r} is not one of v2's"
+    if r["phase"] == "seq":
+        for k in ("after_task1", "after_task2"):
+            if not isinstance(r[k], dict):
+                return f"its {k} evaluation is missing or malformed"
+        for k in ("task1", "task2"):
+            why = _curve_problem(r[k].get("curve") if isinstance(r[k], dict) else None, f"{k} curve")
+            if why:
+                return why
+        return None
+    if not isinstance(r["final"], dict):
+        return "its final evaluation is missing or malformed"
+    return _curve_problem(r["curve"], "curve")
+
+
+RECORD_FILE = "record.json"
+"""The record's manifest in v2's folder: every file the report is written from (``config.json``,
+``base.json``, ``selections.json``, each run file) with its SHA-256, written once from the committed
+files (:func:`record_files`)."""
+RECORD_SHA256 = "bc7110fd7d509ebe1b870bec1e0dce6388a0411d1864b4efa2e241f718fce26b"
+"""SHA-256 of the committed :data:`RECORD_FILE`: the manifest itself cannot be edited unnoticed."""
+
+
+def _sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def record_files(folder: "str | Path") -> Dict[str, str]:
+    """``{path relative to the folder: SHA-256}`` of the files v2's report is written from, as the
+    folder holds them now: ``config.json``, ``base.json``, ``selections.json`` (those present) and
+    every ``runs/*.json``.
+
+    Args:
+        folder (str or Path): a v2 results folder.
+
+    Returns:
+        dict: the files' digests, sorted by path.
+    """
+    out = Path(folder)
+    names = [n for n in ("config.json", "base.json", "selections.json") if (out / n).is_file()]
+    runs = sorted(p.relative_to(out).as_posix() for p in (out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+    return {n: _sha256(out / n) for n in sorted(names + runs)}
+
+
+def verify_record(folder: "str | Path") -> None:
+    """Refuse a v2 folder that is not v2's whole record: its :data:`RECORD_FILE` missing or not the
+    committed one (:data:`RECORD_SHA256`), a file it lists missing (``base.json``, a run file, the
+    whole ``runs/``), a run file it does not list, or a file whose SHA-256 differs from the recorded one.
+    Nothing is written.
+
+    Args:
+        folder (str or Path): a v2 results folder (the repository's, or a copy).
+
+    Raises:
+        FolderError: one line naming the file at fault and the fix.
+    """
+    out = Path(folder)
+    rp = out / RECORD_FILE
+    if not rp.is_file():
+        raise FolderError(f"{rp}: no such file; it lists the files of v2's record and their SHA-256: restore it "
+                          "from the repository")
+    if _sha256(rp) != RECORD_SHA256:
+        raise FolderError(f"{rp}: not the manifest of v2's record as committed (SHA-256 {_sha256(rp)[:12]}… vs "
+                          f"{RECORD_SHA256[:12]}…); restore it from the repository")
+    want = read_json(rp).get("files") or {}
+    have = record_files(out)
+    for name, digest in want.items():
+        if name not in have:
+            raise FolderError(f"{out / name}: missing from v2's record ({len(want)} files in {RECORD_FILE}); restore "
+                              "it from the repository")
+        if have[name] != digest:
+            raise FolderError(f"{out / name}: its content differs from v2's record (SHA-256 {have[name][:12]}… vs "
+                              f"{digest[:12]}… in {RECORD_FILE}); restore it from the repository")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise FolderError(f"{out / extra[0]}: not a file of v2's record ({RECORD_FILE} lists "
+                          f"{sum(n.startswith('runs/') for n in want)} run files); move it away")
+
+
 def load_runs(folder: "str | Path", design: Optional[V2Design] = None) -> Dict[str, Dict[str, Any]]:
-    """The run files of a v2 folder, ``{run_id: run}``; with ``design``, a run written under other
-    settings is refused.
+    """The run files of a v2 folder, ``{run_id: run}``; each must be a v2 run as written
+    (:func:`run_problem`), and with ``design``, a run written under other settings is refused.
 
     Args:
         folder (str or Path): v2's results folder; its run files are ``runs/*.json``.
@@ -182,7 +302,8 @@ def load_runs(folder: "str | Path", design: Optional[V2Design] = None) -> Dict[s
         dict: ``{run_id: run}``, in file-name order; empty when the folder has no ``runs/``.
 
     Raises:
-        FolderError: a run file that is not JSON, or of other settings.
+        FolderError: a run file that is not JSON, not a v2 run (one line naming the file and why), or
+            of other settings.
     """
     runs: Dict[str, Dict[str, Any]] = {}
     d = Path(folder) / "runs"
@@ -190,6 +311,9 @@ def load_runs(folder: "str | Path", design: Optional[V2Design] = None) -> Dict[s
         return runs
     for p in sorted(d.glob("*.json")):
         r = read_json(p)
+        why = run_problem(p.stem, r)
+        if why:
+            raise FolderError(f"{p} {why}: not a v2 run file as written; restore it from the repository")
         if design is not None and r.get("config_fingerprint") != design.fingerprint():
             raise FolderError(f"{p} was written under other study settings (fingerprint "
                               f"{r.get('config_fingerprint')} != {design.fingerprint()})")
@@ -686,13 +810,15 @@ def write_report(folder: "str | Path", command: str = COMMAND, B: int = PREREGIS
         B_max (int, optional): the most bootstrap replicates. Default: ``256000``.
 
     Raises:
-        FolderError: a missing or altered ``config.json``, a run file of other settings.
+        FolderError: a missing or altered ``config.json``, a run file that is not a v2 run or is of other
+            settings, or a folder that is not v2's whole record (:func:`verify_record`: a file missing,
+            added or altered); nothing is written then.
     """
     out = Path(folder)
     cfg = read_design(out)
     runs = load_runs(out, cfg)
-    base_p = out / "base.json"
-    base = read_json(base_p) if base_p.exists() else None
+    verify_record(out)
+    base = read_json(out / "base.json")
     ready, waiting, chosen = plan(cfg, runs)
     lines = ["# Forgetting study v2: does κ-selection forget less once module kind, LR and noise are controlled?", ""]
     lines += [USAGE, ""]
@@ -705,10 +831,6 @@ def write_report(folder: "str | Path", command: str = COMMAND, B: int = PREREGIS
     n_done = len(runs)
     n_total = n_done + len(ready) + _waiting_count(cfg, waiting)
     lines += [_status_line(n_done, n_total, bool(ready or waiting)), ""]
-    if base is None:
-        text = "\n".join(lines + ["No base evaluation yet: nothing has run."]) + "\n"
-        atomic_write_bytes(out / "results.md", text.encode("utf-8"))
-        return text
     A = analyse_stable(cfg, runs, base, B=B, B_max=B_max)
     sel_p = out / "selections.json"
     sel = read_json(sel_p) if sel_p.exists() else None
