@@ -32,7 +32,7 @@ _MOVED = {
     "SelectiveFineTuningOptimizer": ("compat", "kappatune.compat.SelectiveFineTuningOptimizer"),
     "condition_numbers": ("kappa", "kappatune.kappa.condition_numbers"),
     "kappa_of": ("kappa", "kappatune.kappa.kappa_of"),
-    "KappaResult": ("kappa", "kappatune.kappa.KappaResult"),
+    "KappaResult": ("table", "kappatune.KappaEntry (kappa_of returns one)"),
     "TensorRef": ("refs", "kappatune.refs.TensorRef"),
     "default_cache_dir": ("cache", "kappatune.cache.default_cache_dir"),
     "tensor_digest": ("cache", "kappatune.cache.tensor_digest"),
@@ -45,7 +45,8 @@ def __getattr__(name: str):
         mod, new = _MOVED[name]
         _warnings.warn(f"kappatune.{name} is deprecated and leaves the top level in the next release; use {new}",
                        FutureWarning, stacklevel=2)
-        return getattr(_importlib.import_module(f".{mod}", __name__), name)  # not cached: warns each time
+        attr = "KappaEntry" if name == "KappaResult" else name  # the one record type of a κ
+        return getattr(_importlib.import_module(f".{mod}", __name__), attr)  # not cached: warns each time
     if mod is None:
         raise AttributeError(f"module 'kappatune' has no attribute {name!r}")
     value = getattr(_importlib.import_module(f".{mod}", __name__), name)

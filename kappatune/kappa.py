@@ -109,9 +109,20 @@ import numpy as np
 import torch
 
 from ._numbers import aggregate_values
-from .refs import Layout, resolve_layout
+from .refs import Layout, dtype_name, resolve_layout
+from .table import KappaEntry
 
-__all__ = ["condition_number", "condition_numbers", "kappa_of", "KappaResult", "snr_of", "SnrResult"]
+__all__ = ["condition_number", "condition_numbers", "kappa_of", "snr_of", "SnrResult"]
+
+
+def __getattr__(name: str):
+    if name == "KappaResult":  # the one record of a κ is the table's row
+        import warnings
+
+        warnings.warn("kappatune.kappa.KappaResult is deprecated and goes in the next release: kappa_of returns "
+                      "a kappatune.KappaEntry", FutureWarning, stacklevel=2)
+        return KappaEntry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 Aggregate = Literal["mean", "max"]
 
@@ -150,27 +161,6 @@ _CHUNK_BYTES = 256 * 1024 * 1024
 # power-of-two rescaling of the matrix first (no overflow to inf, no subnormal Gram entries).
 _SCALE_EXP = 600
 _START_SEED = 0x6B61707061  # fixed start block: κ is a deterministic function of the matrix
-
-
-@dataclass(frozen=True)
-class KappaResult:
-    """κ of one tensor; ``per_matrix`` holds the individual values of a ``"stack"`` layout.
-
-    Attributes:
-        kappa (float): :math:`\\kappa = \\sigma_{\\max}/\\sigma_{\\min}` (``inf`` for a rank-deficient
-            matrix); for a ``"stack"``, the aggregate (mean or max) of ``per_matrix``.
-        sigma_max (float): the largest singular value :math:`\\sigma_{\\max}` (over the stack).
-        sigma_min (float): the smallest singular value :math:`\\sigma_{\\min}` (over the stack).
-        layout (str): the layout used: ``"matrix"``, ``"flatten"`` or ``"stack"``.
-        per_matrix (Tuple[float, ...], optional): κ of each matrix of a ``"stack"``. Default:
-            ``None`` (a single matrix).
-    """
-
-    kappa: float
-    sigma_max: float
-    sigma_min: float
-    layout: str
-    per_matrix: Optional[Tuple[float, ...]] = None
 
 
 def _compute_device(t: torch.Tensor) -> torch.device:
@@ -526,8 +516,9 @@ def kappa_of(
     name: str = "tensor",
     layout: Layout = "auto",
     aggregate: Aggregate = "mean",
-) -> KappaResult:
-    """κ of one weight tensor with σ_max and σ_min, its layout resolved (see the module docstring).
+) -> KappaEntry:
+    """κ of one weight tensor with σ_max and σ_min, its layout resolved (see the module docstring), as
+    the record a κ table holds (one record type for a κ everywhere).
 
     Args:
         tensor (Tensor): a weight with at least 2 dimensions, any floating dtype, any device.
@@ -538,8 +529,9 @@ def kappa_of(
             Default: ``"mean"``.
 
     Returns:
-        KappaResult: ``kappa`` (the aggregate for a stack), ``sigma_max``, ``sigma_min`` (over the
-            stack), the layout used and, for a stack, ``per_matrix``.
+        KappaEntry: ``name``, ``shape``, ``numel``, ``dtype`` of the tensor, ``kappa`` (the aggregate
+            for a stack), ``sigma_max``, ``sigma_min`` (over the stack), the layout used and, for a
+            stack, ``per_matrix``.
 
     Raises:
         ValueError: fewer than 2 dimensions, an empty or non-floating tensor, NaN/Inf values, or a
@@ -547,11 +539,13 @@ def kappa_of(
     """
     stack, lay = _as_stack(tensor, layout, name, aggregate)
     kappa, smax, smin = _stack_extremes(stack, name)
+    about = dict(name=name, shape=tuple(int(d) for d in tensor.shape), numel=tensor.numel(),
+                 dtype=dtype_name(tensor.dtype), layout=lay)
     if lay != "stack":
-        return KappaResult(float(kappa[0]), float(smax[0]), float(smin[0]), lay)
+        return KappaEntry(kappa=float(kappa[0]), sigma_max=float(smax[0]), sigma_min=float(smin[0]), **about)
     per = tuple(float(k) for k in kappa)
-    agg = aggregate_values(per, aggregate)
-    return KappaResult(agg, float(smax.max()), float(smin.min()), lay, per)
+    return KappaEntry(kappa=aggregate_values(per, aggregate), sigma_max=float(smax.max()), sigma_min=float(smin.min()),
+                      per_matrix=per, **about)
 
 
 def condition_number(

@@ -48,7 +48,7 @@ from torch import nn
 from .cache import KappaCache, tensor_digest
 from .distributed import rank_and_world
 from ._numbers import aggregate_values
-from .kappa import KappaResult, SnrResult, kappa_of, snr_of
+from .kappa import SnrResult, kappa_of, snr_of
 from .refs import DEFAULT_MAX_DIM, Eligibility, NameFilter, Patterns, TensorRef, default_layout, dtype_name, matrix_dims, num_matrices
 from .table import SCORES, KappaEntry, KappaTable
 
@@ -58,8 +58,8 @@ logger = logging.getLogger(__name__)
 
 #: What ``cache=`` accepts everywhere in kappatune.
 CacheArg = Union[bool, None, str, bytes, "os.PathLike[str]", KappaCache]
-#: A result of step 3: κ (:class:`~kappatune.kappa.KappaResult`) or SNR (:class:`~kappatune.kappa.SnrResult`).
-Result = Union[KappaResult, SnrResult]
+#: A result of step 3: κ (a :class:`~kappatune.table.KappaEntry`) or SNR (:class:`~kappatune.kappa.SnrResult`).
+Result = Union[KappaEntry, SnrResult]
 
 
 def resolve_cache(cache: CacheArg) -> Optional[KappaCache]:
@@ -165,10 +165,12 @@ def load_tensor(ref: TensorRef) -> torch.Tensor:
     return t
 
 
-def _result_from_entry(e: Mapping[str, Any]) -> KappaResult:
+def _result_from_entry(e: Mapping[str, Any]) -> KappaEntry:
     pm = e.get("per_matrix")
-    return KappaResult(float(e["kappa"]), float(e["sigma_max"]), float(e["sigma_min"]), str(e["layout"]),
-                       None if pm is None else tuple(float(v) for v in pm))
+    shape = tuple(int(d) for d in e["shape"])
+    return KappaEntry(name=str(e.get("name") or ""), kappa=float(e["kappa"]), shape=shape, numel=math.prod(shape),
+                      dtype=str(e["dtype"]), layout=str(e["layout"]), sigma_max=float(e["sigma_max"]),
+                      sigma_min=float(e["sigma_min"]), per_matrix=None if pm is None else tuple(float(v) for v in pm))
 
 
 def _snr_from_entry(e: Mapping[str, Any]) -> SnrResult:
@@ -181,7 +183,7 @@ def _snr_from_entry(e: Mapping[str, Any]) -> SnrResult:
                      part(e.get("threshold")), str(e["layout"]), None if pm is None else tuple(float(v) for v in pm))
 
 
-def _kappa_fields(res: KappaResult) -> Dict[str, Any]:
+def _kappa_fields(res: KappaEntry) -> Dict[str, Any]:
     return dict(kappa=res.kappa, sigma_max=res.sigma_max, sigma_min=res.sigma_min, layout=res.layout,
                 per_matrix=res.per_matrix)
 
@@ -243,7 +245,7 @@ def lookup(refs: Iterable[TensorRef], cache: Optional[KappaCache], *, recompute:
 
 
 # -- 3. compute ------------------------------------------------------------------------------
-def _kappa_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> KappaResult:
+def _kappa_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> KappaEntry:
     t = tensor if tensor is not None else load_tensor(ref)
     return kappa_of(t, name=ref.name, layout=ref.layout)  # type: ignore[arg-type]
 
@@ -257,7 +259,7 @@ def _snr_of(ref: TensorRef, tensor: Optional[torch.Tensor] = None) -> SnrResult:
 class _ScoreOps:
     """How the pipeline computes and caches one score (:data:`kappatune.table.SCORES`)."""
 
-    result: type       # KappaResult or SnrResult
+    result: type       # KappaEntry or SnrResult
     compute: Any       # (ref, tensor or None) -> result
     from_entry: Any    # decoded cache entry -> result
     fields: Any        # result -> fields of KappaCache.put_many
@@ -265,7 +267,7 @@ class _ScoreOps:
 
 # compute looks the function up when called (so that it can be wrapped, as the tests do with _kappa_of)
 _OPS: Dict[str, _ScoreOps] = {
-    "kappa": _ScoreOps(KappaResult, lambda ref, t=None: _kappa_of(ref, t), _result_from_entry, _kappa_fields),
+    "kappa": _ScoreOps(KappaEntry, lambda ref, t=None: _kappa_of(ref, t), _result_from_entry, _kappa_fields),
     "snr": _ScoreOps(SnrResult, lambda ref, t=None: _snr_of(ref, t), _snr_from_entry, _snr_fields),
 }
 
@@ -460,7 +462,7 @@ def store(cache: Optional[KappaCache], refs: Sequence[TensorRef], results: Mappi
 def aggregate_kappa(res: Result, aggregate: str = "mean") -> float:
     """κ (or the SNR) of a result: the value itself, or the ``"mean"``/``"max"`` over the matrices of a stack."""
     if res.per_matrix is None:
-        return res.kappa if isinstance(res, KappaResult) else res.snr
+        return res.kappa if isinstance(res, KappaEntry) else res.snr
     return aggregate_values(res.per_matrix, aggregate)
 
 

@@ -242,4 +242,9 @@ def test_the_top_level_is_small_and_old_spellings_warn():
                      ("kappa_of", kappatune.kappa.kappa_of)):
         with pytest.warns(FutureWarning, match=f"kappatune.{old} is deprecated"):
             assert getattr(kappatune, old) is new
+    with pytest.warns(FutureWarning, match="kappatune.KappaResult is deprecated"):
+        assert kappatune.KappaResult is kappatune.KappaEntry      # one record type for a κ
+    with pytest.warns(FutureWarning, match="kappatune.kappa.KappaResult is deprecated"):
+        assert kappatune.kappa.KappaResult is kappatune.KappaEntry
+    assert isinstance(kappatune.kappa.kappa_of(__import__("torch").eye(3)), kappatune.KappaEntry)
     assert callable(kappatune.scan)  # the function, not a module of that name
