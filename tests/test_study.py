@@ -664,6 +664,7 @@ def test_study_file_round_trip_and_dry_run(inputs, tmp_path, capsys, study):
     f = tmp_path / "study.json"
     rc, log, _ = _run(["study", "--quick", "--dry-run", "--save-study", str(f)], capsys)
     assert rc == 0 and "CPU h" in log and "kappa_low_s0_lr0.0005" in log
+    assert "blends add 1 evaluations per run of kappa_low." in log   # --quick blends κ-low back at one α
     cfg = sc.load_study(f)
     quick = sc.quick_config().resolved()
     assert cfg.run_settings() == quick.run_settings() and cfg.analysis_rules() == quick.analysis_rules()
@@ -672,6 +673,7 @@ def test_study_file_round_trip_and_dry_run(inputs, tmp_path, capsys, study):
     # a finished folder: the dry run's costs come from its runs, and nothing is left to run
     rc, log, _ = _run(_args(inputs, study, "--dry-run"), capsys)
     assert rc == 0 and "(0 not finished)" in log and "measured" in log
+    assert "blends add 1 evaluations per run of kappa_low" in log   # the fixture blends κ-low at one α
 
 
 def test_help_is_fast_and_does_not_import_torch():

@@ -424,7 +424,9 @@ def _dry_run(cfg: StudyConfig, args: argparse.Namespace, out: Callable[[str], No
     out(f"{'total':<24} {'':<34} {len(todo):>5} {grand:>8.2f}")
     out("")
     scale = "" if nparams in (None,) else f" scaled to {nparams / 1e6:.1f}M parameters"
-    out(f"cost from {src}{scale}; blends add {len(cfg.alphas)} evaluations per blended run. "
+    blends = (f"; blends add {len(cfg.alphas)} evaluations per run of {', '.join(cfg.blend_arms)}"
+              if cfg.blend_arms else "")
+    out(f"cost from {src}{scale}{blends}. "
         f"≈ {format_duration(grand * 3600)} of CPU time: one worker per core (--threads 1) divides the wall time "
         "by the cores; a GPU takes a small fraction.")
     out("")
