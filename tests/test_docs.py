@@ -94,15 +94,17 @@ def _nodes(obj):
 
 
 FIG = r"[+\-−]?\d+\.\d{3,4}\b"
-# the prose that quotes the forgetting study: README's paragraph and the evidence page's findings
+V2_SUMMARY = "benchmarks/results/forgetting_v2/summary.json"
+# the prose that quotes a forgetting study, with the summary it quotes: README's paragraph and the evidence
+# page's findings
 STUDY_PROSE = [
-    (ROOT / "README.md", "**Does low κ forget less?**", "\n## "),
-    (DOCS / "evidence" / "forgetting_v2.md", "## What came out", "\n## How to read"),
+    (ROOT / "README.md", "**Does low κ forget less?**", "\n## ", V2_SUMMARY),
+    (DOCS / "evidence" / "forgetting_v2.md", "## What came out", "\n## How to read", V2_SUMMARY),
 ]
 
 
-@pytest.mark.parametrize("path,start,end", STUDY_PROSE, ids=["README", "evidence page"])
-def test_quoted_study_figures_come_from_the_summary(path, start, end):
+@pytest.mark.parametrize("path,start,end,source", STUDY_PROSE, ids=["README", "evidence page v2"])
+def test_quoted_study_figures_come_from_the_summary(path, start, end, source):
     """The prose quoting the forgetting study matches summary.json, so a rerun cannot leave the headline
     behind: every interval ``[lo, hi]`` it quotes is one comparison's ``ci95`` or ``t_ci95``, the figure just
     before it is a value of that same comparison, and every other figure with 3 or 4 decimals is a value of
@@ -114,7 +116,7 @@ def test_quoted_study_figures_come_from_the_summary(path, start, end):
         decimals = len(q.split(".")[1])
         return isinstance(v, (int, float)) and abs(v - num(q)) <= 0.5 * 10 ** -decimals + 1e-9
 
-    summary = json.loads((ROOT / "benchmarks/results/forgetting_v2/summary.json").read_text())
+    summary = json.loads((ROOT / source).read_text())
     nodes = list(_nodes(summary))
     values = [float(v) for v in nodes if isinstance(v, (int, float)) and not isinstance(v, bool)]
     comparisons = [c for c in nodes if isinstance(c, dict) and "mean_diff" in c]   # a difference with its CIs
@@ -135,8 +137,8 @@ def test_quoted_study_figures_come_from_the_summary(path, start, end):
     # a figure the prose derives from two summary values (e.g. a task-loss gap) is written with 2 decimals;
     # every one with 3 or 4 decimals is quoted as it stands in the summary, rounded once
     wrong += [q for q in re.findall(FIG, section) if not any(close(v, q) for v in values)]
-    assert not wrong, (f"{path.name} quotes {wrong}, which summary.json does not hold: update the prose "
-                       "to the regenerated benchmarks/results/forgetting_v2/results.md")
+    assert not wrong, (f"{path.name} quotes {wrong}, which {source} does not hold: update the prose "
+                       f"to the regenerated {Path(source).with_name('results.md')}")
 
 
 def test_generator_makes_a_page_per_result_and_rewrites_links(tmp_path):
