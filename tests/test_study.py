@@ -148,7 +148,8 @@ def test_study_runs_every_planned_run_and_reports(study):
 
 
 def test_the_cost_of_a_blend_point_is_reported_by_the_declared_rule(study):
-    """Question (c) of v3: one blend point's CPU = the run's evaluation CPU per window × its windows."""
+    """Question (c) of v3: a run's blends cost the run's evaluation CPU per window × the windows of its blend
+    points (every α), set against the whole training run."""
     s = _strict(study / "summary.json")
     b = s["compute"]["blend"]
     assert set(b) == {"kappa_low"}                       # the only arm blended back
@@ -157,9 +158,40 @@ def test_the_cost_of_a_blend_point_is_reported_by_the_declared_rule(study):
     want = sum(r["timing"]["eval_cpu_s"] / r["timing"]["eval_windows"] * windows for r in runs) / len(runs)
     run_cpu = sum(r["timing"]["cpu_s"] for r in runs) / len(runs)
     assert b["kappa_low"]["windows_per_point"] == windows == 16 and b["kappa_low"]["runs"] == len(runs) == 4
+    alphas = len(runs[0]["blend"])
+    assert alphas == len(json.loads((study / "study.json").read_text())["study"]["alphas"])
     assert b["kappa_low"]["point_cpu_s"] == pytest.approx(want, rel=1e-12)
-    assert b["kappa_low"]["ratio"] == pytest.approx(want / run_cpu, rel=1e-12) and 0 < b["kappa_low"]["ratio"] < 1
-    assert "CPU s per blend point" in (study / "results.md").read_text()
+    assert b["kappa_low"]["points_per_run"] == alphas
+    assert b["kappa_low"]["blends_cpu_s"] == pytest.approx(want * alphas, rel=1e-12)
+    assert b["kappa_low"]["ratio"] == pytest.approx(want * alphas / run_cpu, rel=1e-12)
+    assert b["kappa_low"]["point_ratio"] == pytest.approx(want / run_cpu, rel=1e-12)
+    assert 0 < b["kappa_low"]["ratio"] < 1
+    assert "CPU s for a run's blends" in (study / "results.md").read_text()
+
+
+def test_a_runs_blends_cost_every_alpha_of_it():
+    """v3's rule for question (c): a run's blends cost its evaluation CPU per window × 3 α × both corpora'
+    curve windows, set against the whole run (evaluations included, task 2 excluded)."""
+    from kappatune.study import report
+
+    def run(cpu, eval_cpu, eval_windows, task2_cpu=None):
+        point = {"task_curve_pw": [0.0] * 32, "control_curve_pw": [0.0] * 32}
+        r = {"arm": "kappa_low", "steps": 200, "blend": [dict(point, alpha=a) for a in (0.25, 0.5, 0.75)],
+             "timing": {"cpu_s": cpu, "wall_s": cpu, "train_cpu_s": cpu - eval_cpu, "eval_cpu_s": eval_cpu,
+                        "eval_windows": eval_windows}}
+        if task2_cpu is not None:
+            r["task2"] = {"timing": {"cpu_s": task2_cpu}}
+        return r
+
+    b = report._compute({"a": run(1000.0, 96.0, 960), "b": run(1300.0, 192.0, 960, task2_cpu=100.0)})["blend"]
+    b = b["kappa_low"]
+    point = (96.0 / 960 * 64 + 192.0 / 960 * 64) / 2          # 9.6 CPU s per blend point, on average
+    assert b["windows_per_point"] == 64 and b["points_per_run"] == 3
+    assert b["point_cpu_s"] == pytest.approx(point, rel=1e-12)
+    assert b["blends_cpu_s"] == pytest.approx(3 * point, rel=1e-12)
+    assert b["run_cpu_s"] == pytest.approx((1000.0 + 1200.0) / 2, rel=1e-12)
+    assert b["ratio"] == pytest.approx(3 * point / 1100.0, rel=1e-12)
+    assert b["point_ratio"] == pytest.approx(point / 1100.0, rel=1e-12)
 
 
 def test_envelope_in_the_summary_recomputes_from_the_run_files(study):
@@ -869,7 +901,7 @@ def test_an_evidence_grade_study_links_its_preregistration_and_gives_verdicts(in
     assert s["status"] == "evidence" and 200 <= s["bootstrap"]["B"] <= 800
     rows = [ln for ln in md.splitlines() if ln.startswith("| level:") or ln.startswith("| area")]
     assert rows and all(("no difference detected" in r) or ("**random_kind forgets" in r) or
-                        ("not enough paired seeds" in r) for r in rows)
+                        ("no verdict: both envelopes reach" in r) for r in rows)
 
 
 def test_spectrum_arm_takes_the_highest_snr_of_each_kind_at_kappa_lows_count(tmp_path):
@@ -946,7 +978,15 @@ def test_no_verdict_until_every_declared_seed_is_paired():
 
     two = report._compare(cfg, {"a": values((0, 1), 0.5), "b": values((0, 1), 0.0)}, B)["area|a/b"]
     assert two["decision"] == 1 and two["verdict"] == 0 and two["incomplete"]
-    assert "incomplete (2 of the declared seeds)" in report._verdict_text(two, evidence=True)
+    # the runs of seed 2 have not finished: the study is incomplete
+    assert "incomplete: runs of 2 of the 3 declared seeds finished" in report._verdict_text(two, evidence=True)
+    # every run finished, but one seed's envelope never reaches the endpoint: no verdict, and not "incomplete"
+    gap = values((0, 1, 2), 0.5)
+    gap["area"][2] = np.full(B + 1, np.nan)
+    reach = report._compare(cfg, {"a": gap, "b": values((0, 1, 2), 0.0)}, B)["area|a/b"]
+    assert reach["verdict"] == 0 and reach["incomplete"] and reach["seeds_finished"] == [0, 1, 2]
+    assert report._verdict_text(reach, evidence=True) == ("no verdict: both envelopes reach this endpoint on 2 of "
+                                                          "the 3 seeds")
     three = report._compare(cfg, {"a": values((0, 1, 2), 0.5), "b": values((0, 1, 2), 0.0)}, B)["area|a/b"]
     assert three["verdict"] == 1 and not three["incomplete"]
 
@@ -1036,3 +1076,76 @@ def test_a_folders_empty_files_and_the_stdlib_default_are_read(tmp_path):
     (d / "good.txt").write_text("")
     with pytest.raises(CorpusError, match="no text found|empty"):
         read_corpus([d], "task2")
+
+
+def test_edges_are_read_on_the_declared_grid_and_a_diverged_run_is_named():
+    """The `(edge)` flag compares the envelope's LR with the arm's declared grid (a blend: its source arm's),
+    not with the runs that happen to give a curve: a diverged run has no blend, and the middle LR that
+    then gives the blend's envelope is not an edge. A diverged run whose crossing came before it diverged
+    is marked."""
+    import dataclasses
+
+    from kappatune.study import report
+    from kappatune.study.plan import RunSpec
+
+    cfg = dataclasses.replace(sc.default_config(), seeds=(0,), levels=(0.25,), area=(0.25, 0.3),
+                              arms=(sc.Arm("kappa_low", "kappa_low", (1e-4, 3e-4, 1e-3)),),
+                              blend_arms=("kappa_low",), comparisons=(), family=("area",))
+    n = 4
+
+    def pt(step, task, dc):
+        return {"step": step, "task_curve_pw": [4.0 - task] * n, "control_curve_pw": [3.0 + dc] * n}
+
+    def run(lr, drops, dcs, diverged=False):
+        curve = [pt(s, d, c) for s, d, c in zip((0, 10, 20), drops, dcs)]
+        blend = None if diverged else [dict(pt(0, 0.5 * drops[-1], 0.5 * dcs[-1]), alpha=0.5)]
+        return RunSpec("kappa_low", 0, lr).run_id, {"arm": "kappa_low", "curve": curve, "blend": blend,
+                                                    "diverged": diverged}
+
+    runs = dict([run(1e-4, (0, 0.1, 0.2), (0, 0.01, 0.02)),          # never reaches base − 0.25
+                 run(3e-4, (0, 0.2, 0.6), (0, 0.05, 0.30)),
+                 run(1e-3, (0, 0.5, float("nan")), (0, 0.02, float("nan")), diverged=True)])
+    base = {"task_curve_pw": [4.0] * n, "control_curve_pw": [3.0] * n}
+    info = report._endpoint_values(cfg, runs, base, None, None)
+    trained, blended = info["kappa_low"]["_info"][0], info["blend:kappa_low"]["_info"][0]
+    # the diverged run crossed base − 0.25 at step ≈ 5 with Δcontrol ≈ 0.01: the envelope, at the top LR
+    assert trained["envelope_point"] == ["lr 0.001"] and trained["edge"] == [True] and trained["diverged"] == [True]
+    # the blend has no curve for the diverged run: its envelope comes from 3e-4, the middle of the grid
+    assert blended["envelope_point"] == ["lr 0.0003"] and blended["edge"] == [False]
+    assert blended["diverged"] == [False]
+
+
+def test_replicates_are_raised_for_every_holm_p_that_carries_a_verdict(monkeypatch):
+    """The pre-registered Monte-Carlo rule covers every Holm p, the secondary families' too."""
+    import dataclasses
+
+    from kappatune.study import report
+
+    cfg = dataclasses.replace(sc.default_config(), seeds=(0, 1, 2), levels=(0.25, 0.35), area=(0.25, 0.35),
+                              arms=(sc.Arm("kappa_low", "kappa_low", (1e-4,)), sc.Arm("full", "full", (1e-5,))),
+                              comparisons=(("full", "kappa_low"),), family=("area",), blend_arms=(),
+                              bootstrap_start=50, bootstrap_max=50)
+    seen = []
+    real = report.st.stable_replicates
+
+    def spy(evaluate, comparisons, **kw):
+        out = real(evaluate, comparisons, **kw)
+        seen.append(sorted(comparisons(out[0])))
+        return out
+
+    monkeypatch.setattr(report.st, "stable_replicates", spy)
+    rng = random.Random(0)
+    n = 8
+
+    def run(arm, seed, slope):
+        from kappatune.study.plan import RunSpec
+        lr = cfg.arm(arm).lrs[0]
+        curve = [{"step": s, "task_curve_pw": [4.0 - d + 0.01 * rng.random() for _ in range(n)],
+                  "control_curve_pw": [3.0 + slope * d + 0.01 * rng.random() for _ in range(n)]}
+                 for s, d in ((0, 0.0), (10, 0.3), (20, 0.5))]
+        return RunSpec(arm, seed, lr).run_id, {"arm": arm, "curve": curve, "blend": None}
+
+    runs = dict(run(a, s, k) for s in cfg.seeds for a, k in (("kappa_low", 0.2), ("full", 0.1)))
+    base = {"task_curve_pw": [4.0] * n, "control_curve_pw": [3.0] * n}
+    report.analyse(cfg, runs, base)
+    assert seen == [["area|full/kappa_low", "level:0.25|full/kappa_low", "level:0.35|full/kappa_low"]]

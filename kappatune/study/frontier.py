@@ -42,7 +42,11 @@ __all__ = ["run_points", "blend_run_points", "envelope_index", "crossing_levels"
            "mean_over_range"]
 
 AREA_POINTS = 101
-"""Levels of the trapezoid rule over an area's range (exact for envelopes linear between them)."""
+r"""Levels of the trapezoid rule over an area's range. Exact where the envelope is linear between two
+levels; a kink (two runs' curves crossing, slope change :math:`\Delta s`) inside a step :math:`h` costs at
+most :math:`\Delta s\,h^2/8` of the integral, a jump :math:`J` (a non-monotone task curve's first crossing)
+at most :math:`J h/2`. Over v3's range (width 0.2 nats, :math:`h` = 0.002) that is at most
+:math:`2.5\cdot 10^{-6}\,\Delta s` and :math:`5\cdot 10^{-3} J` of the mean, far below any detectable effect."""
 _CHUNK = 4096
 
 

@@ -138,11 +138,15 @@ def _endpoint_values(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], ba
                 vals[f"level:{x:g}"][s] = env[:, i]
             vals["area"][s] = fr.mean_over_range(ar, grid)
             idx = fr.envelope_index([v[:1] for v in lv])[0]             # (nL,) which run, row 0
-            lrs = [spec.lr for spec, _ in curves]
+            # an edge of the arm's declared LR grid (a blend's: its source arm's), whether or not every run of
+            # the grid gave a curve (a diverged run has no blend)
+            lrs = cfg.arm(arm.split(":", 1)[1] if arm.startswith("blend:") else arm).lrs
+            diverged = {spec.run_id for spec, r in group if r.get("diverged")}
             info[s] = {"envelope_run": [None if i < 0 else curves[i][0].run_id for i in idx],
                        "envelope_point": [None if i < 0 else _grid_label(curves[i][0]) for i in idx],
                        "edge": [None if i < 0 else (len(set(lrs)) > 1 and curves[i][0].lr in (min(lrs), max(lrs)))
                                 for i in idx],
+                       "diverged": [None if i < 0 else curves[i][0].run_id in diverged for i in idx],
                        "steps": [None if i < 0 else stp[i][j] for j, i in enumerate(idx)],
                        "steps_fastest": [float(np.nanmin([x[j] for x in stp])) if np.isfinite([x[j] for x in stp]).any()
                                          else None for j in range(len(cfg.levels))]}
@@ -162,6 +166,8 @@ def _compare(cfg: StudyConfig, values: Mapping[str, Any], B: int) -> Dict[str, D
             va, vb = values.get(a, {}).get(e, {}), values.get(b, {}).get(e, {})
             key = f"{e}|{a}/{b}"
             r = st.paired_bootstrap(va, vb, B, st.comparison_rng(cfg.bootstrap_seed, e, f"{a}/{b}"))
+            r["seeds_finished"] = sorted(set(va) & set(vb))   # both arms' whole grids finished on these seeds
+            r["seeds_declared"] = len(cfg.seeds)
             t = st.paired_t(r["diffs"]) if len(r["diffs"]) >= 2 else None
             r.update(endpoint=e, a=a, b=b, family=e in cfg.family,
                      t_stat=None if t is None else t["t"], t_df=None if t is None else t["df"],
@@ -225,8 +231,9 @@ def analyse(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], base: Mappi
 
     b0 = B or cfg.bootstrap_start
     b_max = max(b0, cfg.bootstrap_max) if cfg.evidence_grade else b0     # a smoke test shows no verdict to protect
-    comps, boot = st.stable_replicates(evaluate, lambda c: {k: v for k, v in c.items() if v["family"]},
-                                       B=b0, B_max=b_max, alpha=cfg.alpha)
+    # every comparison carries a verdict (the primary family's and each secondary endpoint's own Holm family), so
+    # the replicates are raised until none of them can flip
+    comps, boot = st.stable_replicates(evaluate, lambda c: c, B=b0, B_max=b_max, alpha=cfg.alpha)
     arms: Dict[str, Any] = {}
     for arm in _arms_of(cfg):
         pv = point[arm]
@@ -259,10 +266,13 @@ def _p(x: Any) -> str:
 def _verdict_text(c: Mapping[str, Any], evidence: bool) -> str:
     if not evidence:
         return "— (smoke test)"
-    if c.get("mean_diff") is None or c.get("p_holm") is None:
-        return "not enough paired seeds"
-    if c.get("incomplete"):
-        return f"incomplete ({len(c.get('seeds') or ())} of the declared seeds): no verdict"
+    finished, declared = len(c.get("seeds_finished") or ()), c.get("seeds_declared")
+    if declared is not None and finished < declared:
+        return f"incomplete: runs of {finished} of the {declared} declared seeds finished; no verdict yet"
+    if c.get("mean_diff") is None or c.get("p_holm") is None or c.get("incomplete"):
+        n = len(c.get("seeds") or ())
+        return (f"no verdict: both envelopes reach this endpoint on {n} of the "
+                f"{declared if declared is not None else '?'} seeds")
     if c.get("not_evaluable"):
         return (f"not evaluable: the bootstrap kept {100 * c['valid']:.0f} % of its replicates (< "
                 f"{100 * MIN_VALID:.0f} %: a drawn seed often misses the level)")
@@ -298,15 +308,17 @@ def _last_step_rows(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], bas
 
 
 def _compute(runs: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
-    """CPU and wall time per arm, and, for each arm whose runs were blended back, the cost of one blend
-    point against a training run's.
+    """CPU and wall time per arm, and, for each arm whose runs were blended back, the cost of its blends
+    against a training run's.
 
     A blend point (one α) is evaluated on the same curve windows as a run's evaluation point, both
-    corpora, without training. The run files time evaluation as a whole, not the blends apart, so one
-    blend point's CPU is estimated as the run's evaluation CPU per window × the windows of one blend
-    point (its task and control curve windows): the rule the v3 pre-registration's amendment declares.
-    The training run it is set against is the run on the task: a run that went on to task 2 counts its
-    CPU time less task 2's (``task2.timing.cpu_s``).
+    corpora, without training. The run files time evaluation as a whole, not the blends apart, so a blend
+    point's CPU is estimated as the run's evaluation CPU per window × the windows of one point (its task
+    and control curve windows); a run's blends (every α) cost that × the number of α, which is the rule the
+    v3 pre-registration's amendment declares for question (c) (``blends_cpu_s`` and ``ratio``; one point's
+    are ``point_cpu_s`` and ``point_ratio``). The training run they are set against is the whole run on
+    the task, its evaluations included: a run that went on to task 2 counts its CPU time less task 2's
+    (``task2.timing.cpu_s``).
     """
     by_arm: Dict[str, Dict[str, float]] = {}
     blend: Dict[str, Dict[str, Any]] = {}
@@ -333,8 +345,11 @@ def _compute(runs: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
         d["cpu_s_per_step"] = d["train_cpu_s"] / d["steps"] if d["steps"] else None
     for b in blend.values():
         b["point_cpu_s"] /= b["runs"]          # the mean estimate of one blend point
+        b["points_per_run"] = b["points"] / b["runs"]
+        b["blends_cpu_s"] = b["point_cpu_s"] * b["points_per_run"]   # every α of one run: the declared rule
         b["run_cpu_s"] /= b["runs"]            # the mean CPU of one training run of the arm
-        b["ratio"] = b["point_cpu_s"] / b["run_cpu_s"] if b["run_cpu_s"] else None
+        b["ratio"] = b["blends_cpu_s"] / b["run_cpu_s"] if b["run_cpu_s"] else None
+        b["point_ratio"] = b["point_cpu_s"] / b["run_cpu_s"] if b["run_cpu_s"] else None
     return {"by_arm": by_arm, "cpu_s": sum(d["cpu_s"] for d in by_arm.values()),
             "wall_s": sum(d["wall_s"] for d in by_arm.values()),
             "devices": sorted({(r.get("timing") or {}).get("device", "?") for r in runs.values()}),
@@ -547,16 +562,18 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
         lines.append("")
     lines += ["## Δcontrol on each arm's envelope (nats; lower = less forgetting)", "",
               "Each seed's value is the lowest Δcontrol among the arm's grid points at the level (the lower envelope "
-              "over learning rates); `n/r` = no grid point reached the level; `(edge)` = the envelope's point is at "
-              "the edge of the LR grid. Mean over seeds with the paired-t 95 % interval over seeds.", "",
+              "over learning rates); `n/r` = no grid point reached the level; `…` = the seed's runs of the arm have "
+              "not all finished. Mean over seeds with the t 95 % interval over the arm's seeds (one arm, not a "
+              "difference). The list below the table names the grid point behind each value and marks `(edge)` "
+              "where it is the lowest or highest LR of the arm's grid.", "",
               "| arm | " + " | ".join(f"base − {x:g}" for x in cfg.levels) + f" | mean over {cfg.area[0]:g}…"
               f"{cfg.area[1]:g} |", "|---" * (len(cfg.levels) + 2) + "|"]
     for arm, d in A["arms"].items():
         cells = []
         for e in cfg.endpoints():
             m = d["endpoints"][e]
-            per = ", ".join("n/r" if v is None or not math.isfinite(v) else f"{v:+.3f}"
-                            for v in m["per_seed"].values() if v is not None or True)
+            per = ", ".join("…" if v is None else "n/r" if not math.isfinite(v) else f"{v:+.3f}"
+                            for v in m["per_seed"].values())
             ci = m["t_ci95"]
             cells.append(f"{_v(m['mean'])} [{per}]" + ("" if ci is None else f" (t-CI {_v(ci[0])}, {_v(ci[1])})"))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -566,33 +583,41 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
         unit = "α" if arm.startswith("blend:") else "step"
         nd = 2 if arm.startswith("blend:") else 1
         for s, inf in d["envelope"].items():
-            pts = "; ".join(f"base − {x:g}: " + ("n/r" if p is None else f"{p}{' (edge)' if e else ''}, {unit} "
+            marks = [", ".join(m for m, on in (("edge", e), ("diverged later", dv)) if on)
+                     for e, dv in zip(inf["edge"], inf.get("diverged") or [None] * len(cfg.levels))]
+            pts = "; ".join(f"base − {x:g}: " + ("n/r" if p is None else f"{p}{f' ({m})' if m else ''}, {unit} "
                                                  f"{_v(st_, nd, False)}")
-                            for x, p, e, st_ in zip(cfg.levels, inf["envelope_point"], inf["edge"], inf["steps"]))
+                            for x, p, m, st_ in zip(cfg.levels, inf["envelope_point"], marks, inf["steps"]))
             lines.append(f"- {arm}, seed {s}: {pts}")
     lines += ["", "## Comparisons (paired over seeds; a − b, nats)", "",
               f"Bootstrap over seeds and windows ({A['bootstrap']['B']:,} replicates"
               + ("" if A["bootstrap"]["stable"] or smoke else f"; still at risk of a Monte-Carlo flip at the maximum: "
                  f"{', '.join(A['bootstrap']['at_risk'])}") + ") and paired t over seeds, side by side; Holm over "
-              f"the family ({', '.join(cfg.family)} × {len(cfg.comparisons)} comparisons) for each test. MDE at α "
+              f"the family ({', '.join(cfg.family)} × {len(cfg.comparisons)} comparisons) for each test"
+              + ("" if len(cfg.endpoints()) == len(cfg.family) else
+                 f", and each secondary endpoint as its own family of {len(cfg.comparisons)}")
+              + ("" if smoke else f"; replicates raised from {A['bootstrap']['B_start']:,} until no Holm p, primary or "
+                 "secondary, lay within 3 Monte-Carlo SEs of α") + ". MDE at α "
               f"{cfg.alpha:g} and at Holm's first level, 80 % power. Verdicts rest on "
               + {"both": "both tests (a difference only where both find it)", "bootstrap": "the bootstrap",
                  "t": "the paired t"}[cfg.verdict_on] + f". With {len(cfg.seeds)} seeds the bootstrap over seeds has "
               f"{math.comb(2 * len(cfg.seeds) - 1, len(cfg.seeds))} distinct seed draws and its p sits at its floor "
               f"whenever all seed differences share a sign; the paired t has {len(cfg.seeds) - 1} degree(s) of "
               "freedom.", "",
-              "| endpoint | a − b | diff | bootstrap 95 % CI | p (± MC) | Holm p | paired-t 95 % CI | t p | t Holm p | "
+              "| endpoint | a − b | diff | bootstrap 95 % CI | p (± MC) | Holm p (± MC) | paired-t 95 % CI | t p | "
+              "t Holm p | "
               "MDE boot / Holm | MDE t / Holm | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, c in A["comparisons"].items():
         ci, tci = c.get("ci95"), c.get("t_ci95")
         fam = "" if c["family"] else " (secondary)"
         mc = "" if c.get("p_mc_se") is None else f" ± {c['p_mc_se']:.1g}"
+        hmc = "" if c.get("p_holm_mc_se") is None else f" ± {c['p_holm_mc_se']:.1g}"
         ci_s = "—" if ci is None else f"[{_v(ci[0], 4)}, {_v(ci[1], 4)}]"
         tci_s = "—" if tci is None else f"[{_v(tci[0], 4)}, {_v(tci[1], 4)}]"
         lines.append(
             f"| {c['endpoint']}{fam} | {c['a']} − {c['b']} | {_v(c.get('mean_diff'), 4)} | {ci_s} | "
             f"{_p(c.get('p'))}{mc} | "
-            f"{_p(c.get('p_holm'))} | {tci_s} | "
+            f"{_p(c.get('p_holm'))}{hmc} | {tci_s} | "
             f"{_p(c.get('t_p'))} | {_p(c.get('t_p_holm'))} | {_v(c.get('mde'), 3, False)} / "
             f"{_v(c.get('mde_holm'), 3, False)} | {_v(c.get('t_mde'), 3, False)} / "
             f"{_v(c.get('t_mde_holm'), 3, False)} | "
@@ -614,14 +639,17 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
         lines.append(f"| {arm} | {d['runs']} | {d['cpu_s'] / 3600:.3f} | {_v(d['cpu_s_per_step'], 2, False)} |")
     lines.append("")
     if C["blend"]:
-        lines += ["What a point on a blend's curve costs against a training run of its arm (descriptive; one blend "
-                  "point, one α, is estimated as the run's evaluation CPU per window × its windows, since the run "
-                  "files time evaluation as a whole):", "",
-                  "| arm blended | runs | windows per point | CPU s per blend point | CPU s per training run | ratio |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["What blending a finished run back costs against a training run of its arm (descriptive). The run "
+                  "files time evaluation as a whole, so one blend point (one α) is estimated as the run's evaluation "
+                  "CPU per window × its windows; a run's blends are every α of it; the training run counts its "
+                  "evaluations too:", "",
+                  "| arm blended | runs | windows per point | CPU s per blend point | α per run | CPU s for a run's "
+                  "blends | CPU s per training run | blends / run | one point / run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for arm, b in C["blend"].items():
             lines.append(f"| {arm} | {b['runs']} | {b['windows_per_point']} | {b['point_cpu_s']:.1f} | "
-                         f"{b['run_cpu_s']:.1f} | {_v(b['ratio'], 3, False)} |")
+                         f"{b['points_per_run']:g} | {b['blends_cpu_s']:.1f} | {b['run_cpu_s']:.1f} | "
+                         f"{_v(b['ratio'], 3, False)} | {_v(b['point_ratio'], 3, False)} |")
         lines.append("")
     if missing:
         lines += [f"## Not finished: {done} of {total} runs", "",
@@ -777,7 +805,7 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax1.axhline(0, color="k", lw=0.5)
-    ax1.set_title("Δcontrol at each level: mean over seeds, paired-t 95 % interval", fontsize=9)
+    ax1.set_title("Δcontrol at each level: mean over seeds, t 95 % interval over seeds", fontsize=9)
     ax2.set_title("steps to each level: mean, range over seeds", fontsize=9)
     fig.tight_layout()
     p = out / "levels.png"
