@@ -28,24 +28,25 @@ _LAZY = {
 }
 
 # Old top-level spellings: still there for one release, with a FutureWarning naming the new one.
+# name -> (module, attribute it now is, the spelling the warning tells users to write)
 _MOVED = {
-    "SelectiveFineTuningOptimizer": ("compat", "kappatune.compat.SelectiveFineTuningOptimizer"),
-    "condition_numbers": ("kappa", "kappatune.kappa.condition_numbers"),
-    "kappa_of": ("kappa", "kappatune.kappa.kappa_of"),
-    "KappaResult": ("table", "kappatune.KappaEntry (kappa_of returns one)"),
-    "TensorRef": ("refs", "kappatune.refs.TensorRef"),
-    "default_cache_dir": ("cache", "kappatune.cache.default_cache_dir"),
-    "tensor_digest": ("cache", "kappatune.cache.tensor_digest"),
+    "SelectiveFineTuningOptimizer": ("compat", "SelectiveFineTuningOptimizer",
+                                     "kappatune.compat.SelectiveFineTuningOptimizer"),
+    "condition_numbers": ("kappa", "condition_numbers", "kappatune.kappa.condition_numbers"),
+    "kappa_of": ("kappa", "kappa_of", "kappatune.kappa.kappa_of"),
+    "KappaResult": ("table", "KappaEntry", "kappatune.KappaEntry (kappa_of returns one)"),
+    "TensorRef": ("refs", "TensorRef", "kappatune.refs.TensorRef"),
+    "default_cache_dir": ("cache", "default_cache_dir", "kappatune.cache.default_cache_dir"),
+    "tensor_digest": ("cache", "tensor_digest", "kappatune.cache.tensor_digest"),
 }
 
 
 def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None and name in _MOVED:
-        mod, new = _MOVED[name]
+        mod, attr, new = _MOVED[name]
         _warnings.warn(f"kappatune.{name} is deprecated and leaves the top level in the next release; use {new}",
                        FutureWarning, stacklevel=2)
-        attr = "KappaEntry" if name == "KappaResult" else name  # the one record type of a κ
         return getattr(_importlib.import_module(f".{mod}", __name__), attr)  # not cached: warns each time
     if mod is None:
         raise AttributeError(f"module 'kappatune' has no attribute {name!r}")

@@ -75,11 +75,16 @@ def _arms_of(cfg: StudyConfig) -> List[str]:
     return [a.name for a in cfg.arms] + [f"blend:{b}" for b in cfg.blend_arms]
 
 
+def _source_arm(arm: str) -> str:
+    """The trained arm behind ``arm``: a blend's source arm, else ``arm`` itself."""
+    return arm.split(":", 1)[1] if arm.startswith("blend:") else arm
+
+
 def _seed_runs(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], arm: str, seed: int
                ) -> Optional[List[Tuple[RunSpec, Mapping[str, Any]]]]:
     """The runs of ``arm`` on ``seed`` over its whole grid, or ``None`` while any is missing (an
     envelope over part of the grid would be biased)."""
-    src = arm.split(":", 1)[1] if arm.startswith("blend:") else arm
+    src = _source_arm(arm)
     a = cfg.arm(src)
     out = []
     for lr, d in a.grid():
@@ -140,7 +145,7 @@ def _endpoint_values(cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any]], ba
             idx = fr.envelope_index([v[:1] for v in lv])[0]             # (nL,) which run, row 0
             # an edge of the arm's declared LR grid (a blend's: its source arm's), whether or not every run of
             # the grid gave a curve (a diverged run has no blend)
-            lrs = cfg.arm(arm.split(":", 1)[1] if arm.startswith("blend:") else arm).lrs
+            lrs = cfg.arm(_source_arm(arm)).lrs
             diverged = {spec.run_id for spec, r in group if r.get("diverged")}
             info[s] = {"envelope_run": [None if i < 0 else curves[i][0].run_id for i in idx],
                        "envelope_point": [None if i < 0 else _grid_label(curves[i][0]) for i in idx],
@@ -266,13 +271,13 @@ def _p(x: Any) -> str:
 def _verdict_text(c: Mapping[str, Any], evidence: bool) -> str:
     if not evidence:
         return "— (smoke test)"
-    finished, declared = len(c.get("seeds_finished") or ()), c.get("seeds_declared")
-    if declared is not None and finished < declared:
+    finished, declared = len(c["seeds_finished"]), c["seeds_declared"]
+    if finished < declared:
         return f"incomplete: runs of {finished} of the {declared} declared seeds finished; no verdict yet"
     if c.get("mean_diff") is None or c.get("p_holm") is None or c.get("incomplete"):
         n = len(c.get("seeds") or ())
         return (f"no verdict: both envelopes reach this endpoint on {n} of the "
-                f"{declared if declared is not None else '?'} seeds")
+                f"{declared} seeds")
     if c.get("not_evaluable"):
         return (f"not evaluable: the bootstrap kept {100 * c['valid']:.0f} % of its replicates (< "
                 f"{100 * MIN_VALID:.0f} %: a drawn seed often misses the level)")
@@ -584,7 +589,7 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
         nd = 2 if arm.startswith("blend:") else 1
         for s, inf in d["envelope"].items():
             marks = [", ".join(m for m, on in (("edge", e), ("diverged later", dv)) if on)
-                     for e, dv in zip(inf["edge"], inf.get("diverged") or [None] * len(cfg.levels))]
+                     for e, dv in zip(inf["edge"], inf["diverged"])]
             pts = "; ".join(f"base − {x:g}: " + ("n/r" if p is None else f"{p}{f' ({m})' if m else ''}, {unit} "
                                                  f"{_v(st_, nd, False)}")
                             for x, p, m, st_ in zip(cfg.levels, inf["envelope_point"], marks, inf["steps"]))
