@@ -98,7 +98,8 @@ def _command_of(md: Path, text: str) -> Optional[str]:
                 return cmd
         except (ValueError, AttributeError):
             pass
-    m = re.search(r"```(?:bash|sh)?\n(python [^\n]+)\n", text) or re.search(r"[Cc]ommand[^`\n]*`([^`]+)`", text)
+    m = (re.search(r"```(?:bash|sh)?\n(python [^\n]+)\n", text) or re.search(r"^Made with: `([^`]+)`", text, re.M)
+         or re.search(r"[Cc]ommand[^`\n]*`([^`]+)`", text))
     return m.group(1).strip() if m else None
 
 

@@ -884,8 +884,10 @@ def test_an_evidence_grade_study_links_its_preregistration_and_gives_verdicts(in
     argv = _args(inputs, tmp_path / "unused")
     i = argv.index("--arms")
     argv = (argv[:i] + ["--arms", "kappa_low", "random_kind", "--lrs", "3e-2", "--seeds", "3", "--steps", "100",
-                        "--eval-at", "0,10,+30", "--preregistration", "PREREG.md"] + argv[argv.index("--batch"):]
+                        "--eval-at", "0,10,+30", "--preregistration", str(tmp_path / "PREREG.md")]
+            + argv[argv.index("--batch"):]
             + ["--dry-run", "--save-study", str(f)])
+    (tmp_path / "PREREG.md").write_text("rules, written before the first run\n")
     rc, _, err = _run(argv, capsys)
     assert rc == 0, err
     d = json.loads(f.read_text())
@@ -896,12 +898,27 @@ def test_an_evidence_grade_study_links_its_preregistration_and_gives_verdicts(in
                        "--threads", "1"], capsys)
     assert rc == 0, err
     md = (out / "results.md").read_text()
-    assert "Smoke test" not in md and "Pre-registration: [PREREG.md](PREREG.md)" in md
+    # the link works from results.md, inside the results folder
+    assert "Smoke test" not in md and "Pre-registration: [../PREREG.md](../PREREG.md)." in md
     s = _strict(out / "summary.json")
     assert s["status"] == "evidence" and 200 <= s["bootstrap"]["B"] <= 800
     rows = [ln for ln in md.splitlines() if ln.startswith("| level:") or ln.startswith("| area")]
     assert rows and all(("no difference detected" in r) or ("**random_kind forgets" in r) or
                         ("no verdict: both envelopes reach" in r) for r in rows)
+
+
+def test_the_preregistration_link_works_from_the_results_folder(tmp_path, monkeypatch):
+    from kappatune.study.report import _preregistration_line
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "PREREGISTRATION.md").write_text("rules\n")
+    monkeypatch.chdir(tmp_path)            # given relative to where the study was made, or to the folder
+    link = "Pre-registration: [PREREGISTRATION.md](PREREGISTRATION.md)."
+    assert _preregistration_line("study/PREREGISTRATION.md", out) == link
+    assert _preregistration_line("PREREGISTRATION.md", out) == link
+    assert _preregistration_line("https://x.org/p", out) == "Pre-registration: <https://x.org/p>."
+    assert "`gone.md` (not found" in _preregistration_line("gone.md", out)     # never a dead link
 
 
 def test_spectrum_arm_takes_the_highest_snr_of_each_kind_at_kappa_lows_count(tmp_path):

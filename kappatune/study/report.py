@@ -32,6 +32,8 @@ linked only when the study file names one. matplotlib is imported only to draw t
 from __future__ import annotations
 
 import math
+import os
+import re
 import statistics
 import warnings
 import zlib
@@ -478,6 +480,18 @@ def summary(cfg: StudyConfig, A: Mapping[str, Any], base: Mapping[str, Any], run
         "compute": _compute(runs), **extra})
 
 
+def _preregistration_line(where: str, out: Path) -> str:
+    """The report's pointer to its pre-registration: a link that works from ``results.md`` (inside
+    ``out``), whether ``where`` was given relative to the working directory or to the results folder."""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", where, re.I):
+        return f"Pre-registration: <{where}>."
+    for cand in (Path(where), out / where):
+        if cand.is_file():
+            rel = Path(os.path.relpath(cand.resolve(), out.resolve())).as_posix()
+            return f"Pre-registration: [{rel}]({rel})."
+    return f"Pre-registration: `{where}` (not found from the results folder)."
+
+
 def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str, Any], command: str = "",
                  plots: bool = True, B: Optional[int] = None,
                  on_problem: Callable[[str], None] = lambda s: None) -> str:
@@ -507,7 +521,7 @@ def write_report(folder: ResultsFolder, cfg: StudyConfig, manifest: Mapping[str,
     if command:
         lines += [f"Made with: `{command}`", ""]
     if cfg.preregistration and not smoke:
-        lines += [f"Pre-registration: [{cfg.preregistration}]({cfg.preregistration}).", ""]
+        lines += [_preregistration_line(cfg.preregistration, folder.path), ""]
     lines += [f"The rules of this report were declared in `study.json` before the first run (settings fingerprint "
               f"`{cfg.settings_fingerprint()}`, analysis fingerprint `{cfg.analysis_fingerprint()}`)."]
     if manifest.get("analysis_fingerprint") not in (None, cfg.analysis_fingerprint()):
@@ -773,7 +787,8 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
     for ax in flat[n:]:
         ax.set_visible(False)
     overlay.set_title("every arm: mean envelope over seeds (where all reach), band = seed range", fontsize=9)
-    fig.suptitle(f"{cfg.title}: learning–forgetting frontiers", fontsize=10)
+    fig.suptitle(f"{cfg.title} (learning–forgetting frontiers)" if "frontier" not in cfg.title.lower() else cfg.title,
+                 fontsize=10)
     fig.tight_layout()
     p = out / "frontier.png"
     _save(fig, p)
