@@ -95,15 +95,22 @@ def _nodes(obj):
 
 FIG = r"[+\-−]?\d+\.\d{3,4}\b"
 V2_SUMMARY = "benchmarks/results/forgetting_v2/summary.json"
+V3_SUMMARY = "benchmarks/results/forgetting_v3/summary.json"
 # the prose that quotes a forgetting study, with the summary it quotes: README's paragraph and the evidence
 # page's findings
 STUDY_PROSE = [
-    (ROOT / "README.md", "**Does low κ forget less?**", "\n## ", V2_SUMMARY),
+    (ROOT / "README.md", "**What forgets least: the evidence first.**", "**The earlier study (v2)**", V3_SUMMARY),
+    (ROOT / "README.md", "**The earlier study (v2)**", "\n## ", V2_SUMMARY),
+    (DOCS / "index.md", "**What forgets least?**", "**The earlier study (v2)**", V3_SUMMARY),
     (DOCS / "evidence" / "forgetting_v2.md", "## What came out", "\n## How to read", V2_SUMMARY),
+    (DOCS / "evidence" / "forgetting_v3.md", "## What came out", "\n## Caveats", V3_SUMMARY),
+    (DOCS / "guides" / "forgetting.md", "## What the evidence shows", "\n## ", V3_SUMMARY),
 ]
 
 
-@pytest.mark.parametrize("path,start,end,source", STUDY_PROSE, ids=["README", "evidence page v2"])
+@pytest.mark.parametrize("path,start,end,source", STUDY_PROSE,
+                         ids=["README v3", "README v2", "docs index v3", "evidence page v2", "evidence page v3",
+                              "forgetting guide v3"])
 def test_quoted_study_figures_come_from_the_summary(path, start, end, source):
     """The prose quoting the forgetting study matches summary.json, so a rerun cannot leave the headline
     behind: every interval ``[lo, hi]`` it quotes is one comparison's ``ci95`` or ``t_ci95``, the figure just
