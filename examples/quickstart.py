@@ -6,9 +6,10 @@ loop. :class:`kappatune.KappaTuneOptimizer` computes κ = σ_max/σ_min of every
 everything else and runs AdamW over the selected tensors only. It is a real
 ``torch.optim.Optimizer``: the cosine LR scheduler and gradient clipping below are plain torch.
 
-Then it does what our forgetting study v3 found to forget least at equal adaptation on this model:
-it saves what training changed (the delta of the trained tensors) and blends it back into the
-pretrained weights, W0 + α (W1 − W0), at ``--alpha`` (default 0.5). Forgetting is measured as the
+Then it does what our forgetting study v3 found, on this model, to forget less than training the
+same tensors less far (at equal adaptation): it saves what training changed (the delta of the
+trained tensors) and blends it back into the pretrained weights, W0 + α (W1 − W0), at ``--alpha``
+(default 0.5). Forgetting is measured as the
 change of the loss on held-out Wikipedia summaries, text the model is never trained on.
 
 Prints the selection, the training loss falling, the held-out KJV (task) and Wikipedia (control)
