@@ -9,8 +9,8 @@ everything else and runs AdamW over the selected tensors only. It is a real
 Then it does what our forgetting study v3 found, on this model, to forget less than training the
 same tensors less far (at equal adaptation): it saves what training changed (the delta of the
 trained tensors) and blends it back into the pretrained weights, W0 + α (W1 − W0), at ``--alpha``
-(default 0.5). Forgetting is measured as the
-change of the loss on held-out Wikipedia summaries, text the model is never trained on.
+(default 0.5). Forgetting is measured as the change of the loss on held-out Wikipedia summaries,
+text the model is never trained on.
 
 Prints the selection, the training loss falling, the held-out KJV (task) and Wikipedia (control)
 losses of the base, the fine-tuned and the blended model, and the trainable fraction. Offline, a

@@ -487,7 +487,10 @@ def _preregistration_line(where: str, out: Path) -> str:
         return f"Pre-registration: <{where}>."
     for cand in (Path(where), out / where):
         if cand.is_file():
-            rel = Path(os.path.relpath(cand.resolve(), out.resolve())).as_posix()
+            try:
+                rel = Path(os.path.relpath(cand.resolve(), out.resolve())).as_posix()
+            except ValueError:          # another drive (Windows): no relative path exists
+                rel = cand.resolve().as_uri()
             return f"Pre-registration: [{rel}]({rel})."
     return f"Pre-registration: `{where}` (not found from the results folder)."
 
