@@ -413,6 +413,25 @@ def test_apply_delta_alpha_0_and_1_are_exact_and_half_is_the_formula(trained):
             assert torch.equal(p, base[n]), n
 
 
+def test_a_blend_inside_base_weights_needs_no_second_model_and_leaves_both_states_exact(trained):
+    """The quickstart's pattern: inside ``opt.base_weights()`` the model is the delta's base, so the blend
+    is applied in place; after ``restore()`` and the block, the tuned model and its kept p₀ are exact."""
+    model, base, opt, path = trained
+    tuned = _params(model)
+    with opt.base_weights():
+        applied = kappatune.apply_delta(model, path, alpha=0.5)
+        for n, p in model.named_parameters():
+            w0, w1 = base[n].double(), tuned[n].double()
+            assert torch.equal(p, (w0 + 0.5 * (w1 - w0)).float()), n
+        applied.restore()
+    assert all(torch.equal(p, tuned[n]) for n, p in model.named_parameters())
+    with opt.base_weights():                               # p₀ kept bit for bit: the base again
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    with pytest.raises(DeltaError):                        # outside the block the model is not the base
+        kappatune.apply_delta(model, path, alpha=0.5)
+    assert all(torch.equal(p, tuned[n]) for n, p in model.named_parameters())
+
+
 def test_apply_delta_refuses_another_base_and_changes_nothing(trained):
     _, _, opt, path = trained
     other = make_tiny_llama(seed=12)
