@@ -278,8 +278,7 @@ def _verdict_text(c: Mapping[str, Any], evidence: bool) -> str:
         return f"incomplete: runs of {finished} of the {declared} declared seeds finished; no verdict yet"
     if c.get("mean_diff") is None or c.get("p_holm") is None or c.get("incomplete"):
         n = len(c.get("seeds") or ())
-        return (f"no verdict: both envelopes reach this endpoint on {n} of the "
-                f"{declared} seeds")
+        return f"no verdict: both envelopes reach this endpoint on {n} of the {declared} seeds"
     if c.get("not_evaluable"):
         return (f"not evaluable: the bootstrap kept {100 * c['valid']:.0f} % of its replicates (< "
                 f"{100 * MIN_VALID:.0f} %: a drawn seed often misses the level)")
@@ -789,9 +788,9 @@ def write_plots(out: Path, cfg: StudyConfig, runs: Mapping[str, Mapping[str, Any
             ax.legend(fontsize=6)
     for ax in flat[n:]:
         ax.set_visible(False)
-    overlay.set_title("every arm: mean envelope over seeds (where all reach), band = seed range", fontsize=9)
-    fig.suptitle(f"{cfg.title} (learning–forgetting frontiers)" if "frontier" not in cfg.title.lower() else cfg.title,
-                 fontsize=10)
+    overlay.set_title("learning–forgetting frontiers: every arm's mean envelope\nover seeds (where all reach), "
+                      "band = seed range", fontsize=9)
+    fig.suptitle(cfg.title, fontsize=10)
     fig.tight_layout()
     p = out / "frontier.png"
     _save(fig, p)
